@@ -1,0 +1,1 @@
+//! llm-filter: LLMProvider / LLMRoute for stock Envoy and Istio (work in progress).
