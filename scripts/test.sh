@@ -5,6 +5,7 @@
 #   `envoy --mode validate` on every envoy/*.yaml, and the end-to-end suite (tests/*.rs)
 #   against real Envoy.
 # Installs what is missing first (toolchain targets, Envoy, wasm-bindgen-cli): see lib.sh.
+# shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 mkdir -p "$WORK_DIR"

@@ -1,0 +1,301 @@
+#!/usr/bin/env bash
+# The seeds' scenarios, live on this machine, with stand-ins for the LLM providers:
+#   mock providers (examples/mock_stack.rs: TLS servers for dashscope.aliyuncs.com and
+#   api.moonshot.cn that answer like them and print every request they receive),
+#   a "mesh" Envoy   (envoy/mesh.yaml,    http://127.0.0.1:10000, admin :11000) and
+#   a "gateway" Envoy (envoy/gateway.yaml, http://127.0.0.1:10001, admin :11001),
+# both running the release llm-filter. Then it replays the seeds' curl requests and shows
+# each request and answer.
+#
+#   scripts/demo.sh                 run the demo, stop everything it started
+#   scripts/demo.sh --keep-running  leave the stack up afterwards and print how to call it
+#   scripts/demo.sh --stop          stop a stack left running by --keep-running
+#
+# Exits 0 only if every scenario answered as the seeds say (qwen-turbo for subscribers,
+# moonshot-v1-8k among the demo-llm-server answers, `RBAC: access denied` for 127.0.0.2, ...).
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+DEMO_DIR="$WORK_DIR/demo"
+PIDS_FILE="$WORK_DIR/demo.pids" # outside DEMO_DIR, which each run recreates
+MESH_PORT=10000
+GATEWAY_PORT=10001
+MESH="http://127.0.0.1:$MESH_PORT"
+GATEWAY="http://127.0.0.1:$GATEWAY_PORT"
+KEEP_RUNNING=0
+STACK_UP=0
+PIDS=()
+
+usage() { sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+
+# Stop the processes recorded in $PIDS_FILE (each started with setsid: pid = process group).
+stop_recorded() {
+    [ -f "$PIDS_FILE" ] || return 0
+    local pid name
+    while read -r pid name; do
+        [ -n "$pid" ] || continue
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || continue
+        log "stopping $name (pid $pid)"
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL -- "-$pid" 2>/dev/null || true
+    done <"$PIDS_FILE"
+    rm -f "$PIDS_FILE"
+}
+
+case "${1:-}" in
+"") ;;
+--keep-running) KEEP_RUNNING=1 ;;
+--stop)
+    stop_recorded
+    exit 0
+    ;;
+-h | --help)
+    usage
+    exit 0
+    ;;
+*)
+    usage >&2
+    exit 2
+    ;;
+esac
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [ "$KEEP_RUNNING" = 1 ] && [ "$STACK_UP" = 1 ]; then
+        exit "$rc"
+    fi
+    stop_recorded
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start NAME LOGFILE CMD...: run CMD in the background in its own process group.
+start() {
+    local name=$1 logfile=$2
+    shift 2
+    setsid "$@" </dev/null >"$logfile" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    printf '%s %s\n' "$pid" "$name" >>"$PIDS_FILE"
+    log "started $name (pid $pid, log ${logfile#"$REPO_ROOT"/})"
+    LAST_PID=$pid
+}
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_for NAME PID SECONDS CMD...: poll CMD until it succeeds while PID lives.
+wait_for() {
+    local name=$1 pid=$2 secs=$3
+    shift 3
+    for _ in $(seq $((secs * 10))); do
+        "$@" >/dev/null 2>&1 && return 0
+        kill -0 "$pid" 2>/dev/null || die "$name exited early (see its log above)"
+        sleep 0.1
+    done
+    die "$name not ready after ${secs}s"
+}
+
+show_log_on_failure() {
+    local f
+    for f in "$@"; do
+        [ -f "$f" ] || continue
+        printf '\n--- last lines of %s ---\n' "${f#"$REPO_ROOT"/}" >&2
+        tail -n 30 "$f" >&2
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+header "setup"
+stop_recorded # a stack left by an earlier --keep-running
+for p in $MESH_PORT $GATEWAY_PORT $((MESH_PORT + 1000)) $((GATEWAY_PORT + 1000)); do
+    port_busy "$p" && die "port $p is in use (a stack from 'scripts/demo.sh --keep-running'? stop it with scripts/demo.sh --stop)"
+done
+ensure_toolchain
+ensure_envoy
+ensure_cmd curl curl
+ensure_cmd python3 python3
+
+header "build"
+build_wasm
+log "cargo build --example mock_stack"
+cargo build --quiet --example mock_stack
+
+header "start the stack"
+rm -rf "$DEMO_DIR"
+mkdir -p "$DEMO_DIR"
+MOCK_LOG="$DEMO_DIR/mock.log"
+start "mock providers" "$MOCK_LOG" cargo run --quiet --example mock_stack -- --out "$DEMO_DIR" \
+    --config "envoy/mesh.yaml=$MESH_PORT" --config "envoy/gateway.yaml=$GATEWAY_PORT"
+MOCK_PID=$LAST_PID
+if ! (wait_for "mock providers" "$MOCK_PID" 120 test -f "$DEMO_DIR/ready"); then
+    show_log_on_failure "$MOCK_LOG"
+    exit 1
+fi
+for f in mesh.yaml gateway.yaml; do
+    [ -f "$DEMO_DIR/$f" ] || die "mock_stack did not write $DEMO_DIR/$f"
+done
+
+declare -A ENVOY_PID=()
+for name in mesh gateway; do
+    start "$name Envoy" "$DEMO_DIR/envoy-$name.log" \
+        "$ENVOY" -c "$DEMO_DIR/$name.yaml" --concurrency 1 --use-dynamic-base-id
+    ENVOY_PID[$name]=$LAST_PID
+done
+for name in mesh gateway; do
+    port=$MESH_PORT
+    [ "$name" = gateway ] && port=$GATEWAY_PORT
+    pid=${ENVOY_PID[$name]}
+    if ! (wait_for "$name Envoy" "$pid" 60 curl -fsS "http://127.0.0.1:$((port + 1000))/ready"); then
+        show_log_on_failure "$DEMO_DIR/envoy-$name.log"
+        exit 1
+    fi
+    ok "$name Envoy ready on 127.0.0.1:$port"
+done
+STACK_UP=1
+
+# ---------------------------------------------------------------------------------------------
+ANSWERS="$DEMO_DIR/answers.txt"
+: >"$ANSWERS"
+BODY="$DEMO_DIR/body"
+CHECKS_OK=()
+CHECKS_BAD=()
+
+check() { # check DESCRIPTION CONDITION...
+    local what=$1
+    shift
+    if "$@"; then
+        CHECKS_OK+=("$what")
+        ok "$what"
+    else
+        CHECKS_BAD+=("$what")
+        printf '%sFAILED%s %s\n' "$_RED$_BOLD" "$_RESET" "$what"
+    fi
+}
+
+# How a shell user would type the argument.
+quote() {
+    case $1 in
+    *[!A-Za-z0-9_./:=@+-]*) printf "'%s'" "${1//\'/\'\\\'\'}" ;;
+    *) printf '%s' "$1" ;;
+    esac
+}
+show_command() {
+    local a line='$ curl'
+    for a in "$@"; do line+=" $(quote "$a")"; done
+    printf '%s%s%s\n' "$_BOLD" "$line" "$_RESET"
+}
+
+pretty() { python3 -m json.tool --no-ensure-ascii "$1" 2>/dev/null || cat "$1"; }
+model_of() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("model", ""))' "$1" 2>/dev/null || true; }
+
+MOCK_SEEN=0
+# What the mock providers received since the last call (one JSON line per request).
+show_provider_side() {
+    sleep 0.2
+    local total
+    total=$(wc -l <"$MOCK_LOG")
+    if [ "$total" -gt "$MOCK_SEEN" ]; then
+        sed -n "$((MOCK_SEEN + 1)),${total}p" "$MOCK_LOG" | sed 's/^/  provider received: /'
+    else
+        printf '  (nothing reached a provider)\n'
+    fi
+    MOCK_SEEN=$total
+}
+
+# call curl-args...: print the request, run it, print status and (pretty) answer.
+# Sets STATUS; the answer is in $BODY and appended to $ANSWERS.
+call() {
+    show_command "$@"
+    STATUS=$(curl -sS -o "$BODY" -w '%{http_code}' "$@") || STATUS=000
+    printf -- '-> HTTP %s\n' "$STATUS"
+    pretty "$BODY"
+    printf '\n'
+    cat "$BODY" >>"$ANSWERS"
+    printf '\n' >>"$ANSWERS"
+    show_provider_side
+}
+
+JSON=(-H 'content-type: application/json')
+ASK_EN='{"messages":[{"role":"user","content":"Please introduce yourself."}]}'
+ASK_ZH='{"messages":[{"role":"user","content":"请介绍你自己"}]}'
+MOCK_SEEN=$(wc -l <"$MOCK_LOG")
+
+header "(a) seed 001: call the provider host directly (LLMRoute dashscope-route, default rule)"
+call "$MESH" -H 'host: dashscope.aliyuncs.com' "${JSON[@]}" --data "$ASK_EN"
+check "(a) direct call answered 200 by model qwen1.5-72b-chat" \
+    test "$STATUS/$(model_of "$BODY")" = 200/qwen1.5-72b-chat
+
+header "(b) seed 001: the same as a subscriber (rule vip-route -> qwen-turbo)"
+call "$MESH" -H 'host: dashscope.aliyuncs.com' -H 'user-type: subscriber' "${JSON[@]}" --data "$ASK_EN"
+check "(b) subscriber answered 200 by model qwen-turbo" \
+    test "$STATUS/$(model_of "$BODY")" = 200/qwen-turbo
+
+header "(c) seed 001: 20 calls to demo-llm-server (50/50 DashScope / Moonshot)"
+show_command "$MESH" -H 'host: demo-llm-server' "${JSON[@]}" --data "$ASK_EN"
+declare -A COUNT=()
+for _ in $(seq 20); do
+    s=$(curl -sS -o "$BODY" -w '%{http_code}' "$MESH" -H 'host: demo-llm-server' "${JSON[@]}" --data "$ASK_EN") || s=000
+    m=$(model_of "$BODY")
+    [ "$s" = 200 ] || m="HTTP $s"
+    COUNT["${m:-no model}"]=$((${COUNT["${m:-no model}"]:-0} + 1))
+    cat "$BODY" >>"$ANSWERS"
+    printf '\n' >>"$ANSWERS"
+done
+for m in "${!COUNT[@]}"; do printf '  %-20s %2d of 20\n' "$m" "${COUNT[$m]}"; done
+MOCK_SEEN=$(wc -l <"$MOCK_LOG")
+check "(c) both qwen1.5-72b-chat and moonshot-v1-8k answered, nothing else" \
+    test "${COUNT[qwen1.5-72b-chat]:-0}" -gt 0 -a "${COUNT[moonshot-v1-8k]:-0}" -gt 0 \
+    -a $((${COUNT[qwen1.5-72b-chat]:-0} + ${COUNT[moonshot-v1-8k]:-0})) -eq 20
+
+header "(d) a streamed answer (\"stream\": true; dashscope.aliyuncs.com configures no stream)"
+STREAM_ASK='{"messages":[{"role":"user","content":"Please introduce yourself."}],"stream":true}'
+show_command -N "$MESH" -H 'host: dashscope.aliyuncs.com' "${JSON[@]}" --data "$STREAM_ASK"
+curl -sS -N "$MESH" -H 'host: dashscope.aliyuncs.com' "${JSON[@]}" --data "$STREAM_ASK" |
+    tee "$BODY" || true
+printf '\n'
+cat "$BODY" >>"$ANSWERS"
+show_provider_side
+check "(d) the answer arrived as server-sent events (data: lines)" grep -q '^data:' "$BODY"
+
+header "(e) seed 000: through the gateway with host test.com (-> qwen-1.8b-chat)"
+call "$GATEWAY" -H 'host: test.com' "${JSON[@]}" --data "$ASK_ZH"
+check "(e) gateway answered 200 by model qwen-1.8b-chat" \
+    test "$STATUS/$(model_of "$BODY")" = 200/qwen-1.8b-chat
+
+header "(f) seed 000, step 5: the same from a denied client address (127.0.0.2)"
+call --interface 127.0.0.2 "$GATEWAY" -H 'host: test.com' "${JSON[@]}" --data "$ASK_ZH"
+check "(f) 127.0.0.2 got 403 RBAC: access denied" \
+    grep -q 'RBAC: access denied' "$BODY"
+
+# ---------------------------------------------------------------------------------------------
+header "result"
+for needle in qwen-turbo moonshot-v1-8k 'RBAC: access denied'; do
+    check "the answers contain '$needle'" grep -qF "$needle" "$ANSWERS"
+done
+printf 'logs:\n'; printf '  %s\n' .work/demo/*.log
+
+if [ "$KEEP_RUNNING" = 1 ]; then
+    cat <<EOF
+
+The stack is still running (pids in ${PIDS_FILE#"$REPO_ROOT"/}):
+  mesh Envoy     $MESH    admin http://127.0.0.1:$((MESH_PORT + 1000))
+  gateway Envoy  $GATEWAY    admin http://127.0.0.1:$((GATEWAY_PORT + 1000))
+Try:
+  curl -s $MESH -H 'host: demo-llm-server' -H 'content-type: application/json' --data '$ASK_EN'
+  curl -s $MESH -H 'host: dashscope.aliyuncs.com' -H 'user-type: subscriber' --data '$ASK_EN'
+  curl -s $GATEWAY -H 'host: test.com' --data '$ASK_ZH'
+  tail -f .work/demo/mock.log     # what the providers receive
+Stop it with: scripts/demo.sh --stop
+EOF
+fi
+
+if [ ${#CHECKS_BAD[@]} -gt 0 ]; then
+    die "${#CHECKS_BAD[@]} of $((${#CHECKS_OK[@]} + ${#CHECKS_BAD[@]})) checks failed"
+fi
+ok "all ${#CHECKS_OK[@]} checks passed"
