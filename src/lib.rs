@@ -1,1 +1,15 @@
-//! llm-filter: LLMProvider / LLMRoute for stock Envoy and Istio (work in progress).
+//! llm-filter: a proxy-wasm HTTP filter that makes stock Envoy and Istio understand the
+//! `LLMProvider` and `LLMRoute` resources: it picks a rule and a provider for a bare
+//! OpenAI-style chat request and rewrites it into that provider's call.
+//!
+//! Everything but `filter` is plain Rust, tested natively and inside wasm.
+
+pub mod balancer;
+pub mod config;
+pub mod error;
+pub mod matcher;
+pub mod policy;
+pub mod rewrite;
+
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+mod filter;

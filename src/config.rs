@@ -1,0 +1,368 @@
+//! Serde types that mirror the manifests exactly as users write them, and the parser that turns
+//! the plugin configuration (a YAML stream of manifests, or the JSON bundle Istio delivers) into
+//! them. Nothing here is validated beyond shape: `policy` does the meaning.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+
+use crate::error::ConfigError;
+
+pub const API_VERSION: &str = "istio.alibabacloud.com/v1beta1";
+pub const KIND_PROVIDER: &str = "LLMProvider";
+pub const KIND_ROUTE: &str = "LLMRoute";
+pub const DEFAULT_NAMESPACE: &str = "default";
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 8 * 1024 * 1024;
+
+/// `metadata` of a manifest. Other ObjectMeta fields (labels, uid, ...) are accepted and ignored,
+/// so `kubectl get -o yaml` output can be fed back in.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+pub struct Metadata {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+impl Metadata {
+    pub fn namespace(&self) -> &str {
+        match self.namespace.as_deref() {
+            Some(ns) if !ns.is_empty() => ns,
+            _ => DEFAULT_NAMESPACE,
+        }
+    }
+}
+
+/// One manifest: `apiVersion`, `kind`, `metadata`, `spec` (and an ignored `status`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Manifest<S> {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: Metadata,
+    pub spec: S,
+    #[serde(default, skip_serializing)]
+    pub status: Option<serde::de::IgnoredAny>,
+}
+
+pub type ProviderManifest = Manifest<ProviderSpec>;
+pub type RouteManifest = Manifest<RouteSpec>;
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProviderSpec {
+    pub host: String,
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub configs: ProviderConfigs,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProviderConfigs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_config: Option<ProviderConfig>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub route_specific_configs: BTreeMap<String, ProviderConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    #[serde(
+        rename = "openAIConfig",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub openai_config: Option<OpenAIConfig>,
+}
+
+#[derive(Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OpenAIConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+}
+
+/// Keys never reach a log line, not even through `{:?}`.
+impl fmt::Debug for OpenAIConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAIConfig")
+            .field("model", &self.model)
+            .field("stream", &self.stream)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteSpec {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RuleConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<MatchConfig>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRefConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatchConfig>,
+}
+
+/// Istio's `StringMatch`: exactly one of the three.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatchConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendRefConfig {
+    pub provider_host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_rewrite: Option<String>,
+}
+
+/// Filter-wide settings (not a Kubernetes resource).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Settings {
+    #[serde(default = "default_max_request_body_bytes")]
+    pub max_request_body_bytes: u64,
+}
+
+fn default_max_request_body_bytes() -> u64 {
+    DEFAULT_MAX_REQUEST_BODY_BYTES
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
+        }
+    }
+}
+
+/// Everything the plugin configuration holds, still as written.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FilterConfig {
+    pub providers: Vec<ProviderManifest>,
+    pub routes: Vec<RouteManifest>,
+    pub settings: Settings,
+}
+
+/// The JSON form: `{"providers": [...], "routes": [...], "settings": {...}}`. Elements stay raw
+/// so each manifest is parsed on its own and its errors name it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Bundle {
+    #[serde(default)]
+    providers: Vec<Value>,
+    #[serde(default)]
+    routes: Vec<Value>,
+    #[serde(default)]
+    settings: Option<Value>,
+}
+
+impl FilterConfig {
+    /// Parses the plugin configuration: a multi-document YAML stream of manifests, or the JSON
+    /// (or YAML) bundle object. Each document of a stream may itself be a bundle.
+    pub fn parse(text: &str) -> Result<FilterConfig, ConfigError> {
+        let mut config = FilterConfig::default();
+        let mut settings_seen = false;
+        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let value = Value::deserialize(document).map_err(|e| {
+                ConfigError::new(
+                    format!("document {}", index + 1),
+                    "",
+                    format!("not valid YAML or JSON: {}", scrub(&e.to_string())),
+                )
+            })?;
+            match &value {
+                Value::Null => continue,
+                Value::Mapping(map) if map.contains_key("kind") => config.add_manifest(value)?,
+                Value::Mapping(_) => {
+                    let bundle: Bundle = from_value(value, &format!("document {}", index + 1))?;
+                    for provider in bundle.providers {
+                        config.add_manifest_of(provider, KIND_PROVIDER)?;
+                    }
+                    for route in bundle.routes {
+                        config.add_manifest_of(route, KIND_ROUTE)?;
+                    }
+                    if let Some(settings) = bundle.settings {
+                        if settings_seen {
+                            return Err(ConfigError::new("settings", "", "given more than once"));
+                        }
+                        settings_seen = true;
+                        config.settings = from_value(settings, "settings")?;
+                    }
+                }
+                _ => {
+                    return Err(ConfigError::new(
+                        format!("document {}", index + 1),
+                        "",
+                        "expected an LLMProvider or LLMRoute manifest, or an object with \
+                         providers/routes/settings",
+                    ))
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    fn add_manifest_of(&mut self, value: Value, expected_kind: &str) -> Result<(), ConfigError> {
+        let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
+        if kind != expected_kind {
+            return Err(ConfigError::new(
+                resource_name(kind, &value),
+                "kind",
+                format!("expected {expected_kind}, found {kind:?}"),
+            ));
+        }
+        self.add_manifest(value)
+    }
+
+    fn add_manifest(&mut self, value: Value) -> Result<(), ConfigError> {
+        let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
+        let resource = resource_name(kind, &value);
+        let api_version = value.get("apiVersion").and_then(Value::as_str);
+        if api_version != Some(API_VERSION) {
+            return Err(ConfigError::new(
+                resource,
+                "apiVersion",
+                format!("expected {API_VERSION:?}, found {api_version:?}"),
+            ));
+        }
+        match kind {
+            KIND_PROVIDER => self.providers.push(from_value(value, &resource)?),
+            KIND_ROUTE => self.routes.push(from_value(value, &resource)?),
+            other => {
+                return Err(ConfigError::new(
+                    resource,
+                    "kind",
+                    format!("expected LLMProvider or LLMRoute, found {other:?}"),
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `Kind namespace/name`, as error messages name a resource.
+pub fn resource_name(kind: &str, value: &Value) -> String {
+    let metadata = value.get("metadata");
+    let name = metadata
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>");
+    let namespace = metadata
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE);
+    let kind = if kind.is_empty() { "<no kind>" } else { kind };
+    format!("{kind} {namespace}/{name}")
+}
+
+/// Deserializes through YAML text so serde_yaml reports the field path of an error
+/// (`spec.rules[0].backendRefs[1]: unknown field ...`). Runs once per manifest at configure time.
+fn from_value<T: serde::de::DeserializeOwned>(
+    value: Value,
+    resource: &str,
+) -> Result<T, ConfigError> {
+    let text = serde_yaml::to_string(&value)
+        .map_err(|e| ConfigError::new(resource, "", scrub(&e.to_string())))?;
+    serde_yaml::from_str(&text).map_err(|e| {
+        let message = e.to_string();
+        // serde_yaml: "<path>: <message> at line L column C"; the location refers to our
+        // re-serialized text, so it is dropped.
+        let message = match message.find(" at line ") {
+            Some(i) => &message[..i],
+            None => &message,
+        };
+        let (path, message) = match message.split_once(": ") {
+            Some((path, rest)) if !path.contains(' ') => (path, rest),
+            _ => ("", message),
+        };
+        // Paths are given relative to `spec`, as the policy's own errors are.
+        let path = path.strip_prefix("spec.").unwrap_or(path);
+        ConfigError::new(resource, path, scrub(message))
+    })
+}
+
+/// Error messages quote offending values; a misplaced key must not reach the log through them.
+fn scrub(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find("string \"") {
+        let (head, tail) = rest.split_at(start + "string \"".len());
+        out.push_str(head);
+        match tail.find('"') {
+            Some(end) => {
+                out.push_str("…\"");
+                rest = &tail[end + 1..];
+            }
+            None => {
+                out.push('…');
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn scrub_hides_quoted_strings() {
+        assert_eq!(
+            scrub("invalid type: string \"sk-secret\", expected a boolean"),
+            "invalid type: string \"…\", expected a boolean"
+        );
+        assert_eq!(scrub("no strings here"), "no strings here");
+        assert_eq!(scrub("string \"unterminated"), "string \"…");
+    }
+}

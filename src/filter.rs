@@ -1,0 +1,248 @@
+//! The only module that talks to proxy-wasm: it turns host callbacks into calls on `Policy` and
+//! `rewrite`, and their results back into host calls and `Action`s. It decides nothing itself.
+//!
+//! Host calls per request (each one crosses into Envoy): a pass-through request costs one (read
+//! the headers); an LLM request costs four (read headers, write headers, read body, write body
+//! — the last skipped when the body needs no change).
+
+use std::cell::RefCell;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+use log::{debug, error, info, warn};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+
+use crate::balancer::SplitMix64;
+use crate::error::RequestError;
+use crate::policy::{Decision, Policy, ProviderCall};
+use crate::rewrite::{rewrite_body, rewrite_headers};
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    std::panic::set_hook(Box::new(|info| {
+        // A panic aborts the VM; say where, at the highest level. (Clippy denies panics in our
+        // code; this catches the ones from dependencies.)
+        error!("llm-filter: panic: {info}");
+    }));
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(LlmRoot::default()) });
+}}
+
+struct LlmRoot {
+    policy: Option<Rc<Policy>>,
+    rng: Rc<RefCell<SplitMix64>>,
+}
+
+impl Default for LlmRoot {
+    fn default() -> Self {
+        LlmRoot {
+            policy: None,
+            rng: Rc::new(RefCell::new(SplitMix64::new(0))),
+        }
+    }
+}
+
+impl Context for LlmRoot {}
+
+impl RootContext for LlmRoot {
+    fn on_vm_start(&mut self, _: usize) -> bool {
+        // Follow Envoy's log level so disabled levels cost no host call.
+        if let Ok(level) = hostcalls::get_log_level() {
+            proxy_wasm::set_log_level(level);
+        }
+        *self.rng.borrow_mut() = SplitMix64::new(seed());
+        info!("llm-filter {VERSION} started");
+        true
+    }
+
+    fn on_configure(&mut self, _: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                error!("llm-filter: cannot read the plugin configuration: {status:?}");
+                return false;
+            }
+        };
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            error!("llm-filter: invalid configuration: not UTF-8 text");
+            return false;
+        };
+        if text.trim().is_empty() {
+            warn!("llm-filter: empty configuration: every request passes through untouched");
+        }
+        match Policy::from_text(text) {
+            Ok(policy) => {
+                info!("llm-filter: configuration accepted");
+                self.policy = Some(Rc::new(policy));
+                true
+            }
+            Err(e) => {
+                error!("llm-filter: invalid configuration: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let policy = self.policy.clone()?;
+        Some(Box::new(LlmHttp {
+            context_id,
+            policy,
+            rng: Rc::clone(&self.rng),
+            state: State::PassThrough,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// A seed from the host's randomness (WASI `random_get`, through std's hasher keys) and clock.
+fn seed() -> u64 {
+    let mut hasher = RandomState::new().build_hasher();
+    if let Ok(now) = hostcalls::get_current_time() {
+        if let Ok(since) = now.duration_since(UNIX_EPOCH) {
+            hasher.write_u128(since.as_nanos());
+        }
+    }
+    hasher.finish()
+}
+
+enum State {
+    /// Not an LLM request, or already handled.
+    PassThrough,
+    /// Routed: headers rewritten, waiting for the whole body to rewrite it for this call.
+    Buffering(Rc<ProviderCall>),
+}
+
+struct LlmHttp {
+    context_id: u32,
+    policy: Rc<Policy>,
+    rng: Rc<RefCell<SplitMix64>>,
+    state: State,
+}
+
+impl LlmHttp {
+    fn reject(&mut self, error: RequestError) -> Action {
+        debug!(
+            "#{} llm-filter: {} {}",
+            self.context_id,
+            error.status(),
+            error.code()
+        );
+        self.state = State::PassThrough;
+        let body = error.body();
+        if let Err(status) = hostcalls::send_http_response(
+            error.status(),
+            vec![("content-type", "application/json")],
+            Some(body.as_bytes()),
+        ) {
+            error!(
+                "#{} llm-filter: cannot send local reply: {status:?}",
+                self.context_id
+            );
+        }
+        Action::Pause
+    }
+
+    /// Rewrites the complete buffered body for the chosen provider.
+    fn finish_body(&mut self, call: &ProviderCall, body_size: usize) -> Action {
+        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(body) => body.unwrap_or_default(),
+            Err(status) => {
+                error!(
+                    "#{} llm-filter: cannot read the request body: {status:?}",
+                    self.context_id
+                );
+                return self.reject(RequestError::InvalidJson);
+            }
+        };
+        match rewrite_body(call, &body) {
+            Ok(None) => {}
+            Ok(Some(new_body)) => {
+                if let Err(status) =
+                    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), &new_body)
+                {
+                    error!(
+                        "#{} llm-filter: cannot replace the body: {status:?}",
+                        self.context_id
+                    );
+                }
+            }
+            Err(error) => return self.reject(error),
+        }
+        self.state = State::PassThrough;
+        Action::Continue
+    }
+}
+
+impl Context for LlmHttp {}
+
+impl HttpContext for LlmHttp {
+    fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        let mut headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+            Ok(headers) => headers,
+            Err(status) => {
+                error!(
+                    "#{} llm-filter: cannot read request headers: {status:?}",
+                    self.context_id
+                );
+                return Action::Continue;
+            }
+        };
+        let decision = self.policy.decide(&headers, &mut *self.rng.borrow_mut());
+        match decision {
+            Decision::PassThrough => Action::Continue,
+            Decision::Reject(error) => self.reject(error),
+            Decision::Forward(_) if end_of_stream => self.reject(RequestError::EmptyBody),
+            Decision::Forward(call) => {
+                debug!(
+                    "#{} llm-filter: provider {} rule {:?}",
+                    self.context_id, call.provider, call.rule
+                );
+                rewrite_headers(&call, &mut headers);
+                let pairs: Vec<(&str, &[u8])> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_slice()))
+                    .collect();
+                if let Err(status) = hostcalls::set_map_bytes(MapType::HttpRequestHeaders, pairs) {
+                    error!(
+                        "#{} llm-filter: cannot set request headers: {status:?}",
+                        self.context_id
+                    );
+                }
+                self.state = State::Buffering(call);
+                Action::Continue
+            }
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let State::Buffering(call) = &self.state else {
+            return Action::Continue;
+        };
+        if body_size as u64 > self.policy.max_request_body_bytes {
+            return self.reject(RequestError::BodyTooLarge);
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let call = Rc::clone(call);
+        self.finish_body(&call, body_size)
+    }
+
+    fn on_http_request_trailers(&mut self, _: usize) -> Action {
+        // A body that ends with trailers never sees end_of_stream in the body callback.
+        let State::Buffering(call) = &self.state else {
+            return Action::Continue;
+        };
+        let call = Rc::clone(call);
+        self.finish_body(&call, usize::MAX)
+    }
+}

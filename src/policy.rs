@@ -1,0 +1,943 @@
+//! The validated, precompiled form of the configuration, and the routing decision it makes for a
+//! request: which rule, which provider, and with which settings. Built once in `on_configure`
+//! and shared by every request; nothing here allocates per request except the decision's `Rc`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::rc::Rc;
+
+use crate::balancer::{RandomSource, WeightedChoice};
+use crate::config::{
+    FilterConfig, OpenAIConfig, ProviderManifest, RouteManifest, RuleConfig, KIND_PROVIDER,
+    KIND_ROUTE,
+};
+use crate::error::{ConfigError, RequestError};
+use crate::matcher::{HeaderConditions, StringMatch};
+
+/// Everything needed to turn a client's request into one provider's call. The rewrite
+/// (`rewrite.rs`) is a pure function of the request and this value, so the same value can later
+/// drive a per-attempt rewrite in an upstream filter.
+#[derive(Clone, PartialEq)]
+pub struct ProviderCall {
+    /// `metadata.name` of the LLMProvider.
+    pub provider: String,
+    /// Name of the LLMRoute rule that chose it; empty for a direct provider call.
+    pub rule: String,
+    /// `:authority` sent upstream (`hostRewrite`, or the provider host).
+    pub authority: String,
+    /// The provider's chat-completions path.
+    pub path: String,
+    /// The configured model, already encoded as a JSON string literal.
+    pub model_json: Option<String>,
+    pub stream: Option<bool>,
+    /// `Bearer <apiKey>`: the value of the `authorization` header.
+    pub authorization: Option<String>,
+}
+
+impl ProviderCall {
+    pub fn model(&self) -> Option<String> {
+        self.model_json
+            .as_deref()
+            .and_then(|json| serde_json::from_str(json).ok())
+    }
+}
+
+/// Keys never reach a log line, not even through `{:?}`.
+impl fmt::Debug for ProviderCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProviderCall")
+            .field("provider", &self.provider)
+            .field("rule", &self.rule)
+            .field("authority", &self.authority)
+            .field("path", &self.path)
+            .field("model", &self.model_json)
+            .field("stream", &self.stream)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct RulePolicy {
+    /// Entries are ORed; an empty list matches every request.
+    matches: Vec<HeaderConditions>,
+    backends: Vec<Rc<ProviderCall>>,
+    choice: WeightedChoice,
+}
+
+impl RulePolicy {
+    fn matches(&self, headers: &[(String, Vec<u8>)]) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(headers))
+    }
+}
+
+#[derive(Debug)]
+enum HostTarget {
+    Route(Vec<RulePolicy>),
+    Provider(Rc<ProviderCall>),
+}
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// The host is not an LLM host: leave the request alone.
+    PassThrough,
+    /// Answer the client with this error.
+    Reject(RequestError),
+    /// Rewrite the request for this provider.
+    Forward(Rc<ProviderCall>),
+}
+
+/// The compiled configuration.
+#[derive(Debug)]
+pub struct Policy {
+    hosts: HashMap<String, Rc<HostTarget>>,
+    pub max_request_body_bytes: u64,
+}
+
+impl Policy {
+    /// Parses and compiles a plugin configuration.
+    pub fn from_text(text: &str) -> Result<Policy, ConfigError> {
+        Policy::compile(&FilterConfig::parse(text)?)
+    }
+
+    pub fn compile(config: &FilterConfig) -> Result<Policy, ConfigError> {
+        if config.settings.max_request_body_bytes == 0 {
+            return Err(ConfigError::new(
+                "settings",
+                "maxRequestBodyBytes",
+                "must be greater than zero",
+            ));
+        }
+        check_unique_names(config)?;
+        let providers = index_providers(&config.providers)?;
+        let mut hosts: HashMap<String, Rc<HostTarget>> = HashMap::new();
+        let mut route_owner: HashMap<String, String> = HashMap::new();
+
+        for route in &config.routes {
+            let resource = resource(KIND_ROUTE, route);
+            let host = normalize_config_host(&route.spec.host)
+                .map_err(|m| ConfigError::new(&resource, "host", m))?;
+            let target = Rc::new(HostTarget::Route(compile_rules(
+                route, &resource, &providers,
+            )?));
+            for alias in host_aliases(&host, route.metadata.namespace()) {
+                if let Some(other) = route_owner.get(&alias) {
+                    return Err(ConfigError::new(
+                        &resource,
+                        "host",
+                        format!("{alias:?} is already the host of {other}"),
+                    ));
+                }
+                route_owner.insert(alias.clone(), resource.clone());
+                hosts.insert(alias, Rc::clone(&target));
+            }
+        }
+
+        for (host, provider) in &providers.by_host {
+            check_route_specific_keys(provider, host, &config.routes)?;
+            if !hosts.contains_key(host) {
+                let call = provider_call(provider, "", host);
+                hosts.insert(host.clone(), Rc::new(HostTarget::Provider(call)));
+            }
+        }
+
+        Ok(Policy {
+            hosts,
+            max_request_body_bytes: config.settings.max_request_body_bytes,
+        })
+    }
+
+    /// True when requests for this `:authority` are LLM requests.
+    pub fn is_llm_host(&self, authority: &[u8]) -> bool {
+        self.target(authority).is_some()
+    }
+
+    fn target(&self, authority: &[u8]) -> Option<&HostTarget> {
+        let host = normalize_authority(authority)?;
+        let key: &str = &host;
+        self.hosts.get(key).map(|t| t.as_ref())
+    }
+
+    /// Chooses rule and provider for a request, given all its headers (`:authority` among
+    /// them). Pure: the only outside input is the random source.
+    pub fn decide(&self, headers: &[(String, Vec<u8>)], rng: &mut impl RandomSource) -> Decision {
+        let Some(authority) = header(headers, ":authority") else {
+            return Decision::PassThrough;
+        };
+        match self.target(authority) {
+            None => Decision::PassThrough,
+            Some(HostTarget::Provider(call)) => Decision::Forward(Rc::clone(call)),
+            Some(HostTarget::Route(rules)) => match rules.iter().find(|r| r.matches(headers)) {
+                None => Decision::Reject(RequestError::RouteNotFound),
+                Some(rule) => {
+                    let index = rule.choice.choose(rng);
+                    match rule.backends.get(index) {
+                        Some(call) => Decision::Forward(Rc::clone(call)),
+                        None => Decision::Reject(RequestError::RouteNotFound),
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// First value of a header.
+pub fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_slice())
+}
+
+/// The host part of an `:authority`, lower-cased, without port or trailing dot. Borrowed when
+/// already in that form (the common case), so a lookup does not allocate.
+pub fn normalize_authority(authority: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    let text = std::str::from_utf8(authority).ok()?;
+    let host = if let Some(rest) = text.strip_prefix('[') {
+        // IPv6 literal: "[::1]:80".
+        let end = rest.find(']')?;
+        &text[..end + 2]
+    } else {
+        match text.rfind(':') {
+            Some(i) if text[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &text[..i],
+            _ => text,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(std::borrow::Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(std::borrow::Cow::Borrowed(host))
+    }
+}
+
+/// Validates and normalizes a host name written in a manifest.
+fn normalize_config_host(host: &str) -> Result<String, String> {
+    let trimmed = host.trim().trim_end_matches('.');
+    if trimmed.is_empty() {
+        return Err("must not be empty".to_string());
+    }
+    let valid = trimmed
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if !valid {
+        return Err(format!(
+            "{host:?} is not a host name (no scheme, port, path or wildcard)"
+        ));
+    }
+    Ok(trimmed.to_ascii_lowercase())
+}
+
+/// A short mesh name (`svc`) is also reachable as `svc.ns` and `svc.ns.svc.cluster.local`.
+fn host_aliases(host: &str, namespace: &str) -> Vec<String> {
+    if host.contains('.') {
+        vec![host.to_string()]
+    } else {
+        let namespace = namespace.to_ascii_lowercase();
+        vec![
+            host.to_string(),
+            format!("{host}.{namespace}"),
+            format!("{host}.{namespace}.svc.cluster.local"),
+        ]
+    }
+}
+
+fn resource<S>(kind: &str, manifest: &crate::config::Manifest<S>) -> String {
+    let name = match manifest.metadata.name.as_str() {
+        "" => "<unnamed>",
+        name => name,
+    };
+    format!("{kind} {}/{name}", manifest.metadata.namespace())
+}
+
+fn check_unique_names(config: &FilterConfig) -> Result<(), ConfigError> {
+    let mut seen = BTreeSet::new();
+    let names = config
+        .providers
+        .iter()
+        .map(|p| (resource(KIND_PROVIDER, p), p.metadata.name.is_empty()))
+        .chain(
+            config
+                .routes
+                .iter()
+                .map(|r| (resource(KIND_ROUTE, r), r.metadata.name.is_empty())),
+        );
+    for (name, unnamed) in names {
+        if unnamed {
+            return Err(ConfigError::new(name, "metadata.name", "must not be empty"));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(ConfigError::new(name, "", "defined more than once"));
+        }
+    }
+    Ok(())
+}
+
+struct Providers<'a> {
+    by_host: Vec<(String, &'a ProviderManifest)>,
+}
+
+impl Providers<'_> {
+    fn get(&self, host: &str) -> Option<&ProviderManifest> {
+        self.by_host
+            .iter()
+            .find(|(h, _)| h == host)
+            .map(|(_, p)| *p)
+    }
+}
+
+fn index_providers(providers: &[ProviderManifest]) -> Result<Providers<'_>, ConfigError> {
+    let mut by_host: Vec<(String, &ProviderManifest)> = Vec::with_capacity(providers.len());
+    for provider in providers {
+        let resource = resource(KIND_PROVIDER, provider);
+        let host = normalize_config_host(&provider.spec.host)
+            .map_err(|m| ConfigError::new(&resource, "host", m))?;
+        if let Some((_, other)) = by_host.iter().find(|(h, _)| *h == host) {
+            return Err(ConfigError::new(
+                &resource,
+                "host",
+                format!(
+                    "{host:?} is already the host of {}; two providers may not share a host",
+                    self::resource(KIND_PROVIDER, other)
+                ),
+            ));
+        }
+        if !provider.spec.path.starts_with('/') || provider.spec.path.contains(['?', '#']) {
+            return Err(ConfigError::new(
+                &resource,
+                "path",
+                format!(
+                    "{:?} must be an absolute path without query, e.g. /v1/chat/completions",
+                    provider.spec.path
+                ),
+            ));
+        }
+        let configs = &provider.spec.configs;
+        if let Some(openai) = configs
+            .default_config
+            .as_ref()
+            .and_then(|c| c.openai_config.as_ref())
+        {
+            check_openai_config(&resource, "configs.defaultConfig.openAIConfig", openai)?;
+        }
+        for (name, config) in &configs.route_specific_configs {
+            if let Some(openai) = &config.openai_config {
+                let field = format!("configs.routeSpecificConfigs.{name}.openAIConfig");
+                check_openai_config(&resource, &field, openai)?;
+            }
+        }
+        by_host.push((host, provider));
+    }
+    Ok(Providers { by_host })
+}
+
+fn compile_rules(
+    route: &RouteManifest,
+    resource: &str,
+    providers: &Providers<'_>,
+) -> Result<Vec<RulePolicy>, ConfigError> {
+    if route.spec.rules.is_empty() {
+        return Err(ConfigError::new(
+            resource,
+            "rules",
+            "needs at least one rule",
+        ));
+    }
+    let mut names = BTreeSet::new();
+    route
+        .spec
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            if let Some(name) = rule.name.as_deref() {
+                if !names.insert(name) {
+                    return Err(ConfigError::new(
+                        resource,
+                        format!("rules[{i}].name"),
+                        format!("{name:?} names another rule of this route too"),
+                    ));
+                }
+            }
+            compile_rule(rule, i, resource, providers)
+        })
+        .collect()
+}
+
+fn compile_rule(
+    rule: &RuleConfig,
+    index: usize,
+    resource: &str,
+    providers: &Providers<'_>,
+) -> Result<RulePolicy, ConfigError> {
+    let field = |rest: &str| format!("rules[{index}].{rest}");
+    let mut matches = Vec::with_capacity(rule.matches.len());
+    for (m, entry) in rule.matches.iter().enumerate() {
+        let mut conditions = Vec::with_capacity(entry.headers.len());
+        for (name, config) in &entry.headers {
+            let string_match = StringMatch::compile(config).map_err(|(sub, message)| {
+                let path = if sub.is_empty() {
+                    field(&format!("matches[{m}].headers.{name}"))
+                } else {
+                    field(&format!("matches[{m}].headers.{name}.{sub}"))
+                };
+                ConfigError::new(resource, path, message)
+            })?;
+            conditions.push((name.to_ascii_lowercase(), string_match));
+        }
+        matches.push(HeaderConditions { conditions });
+    }
+
+    if rule.backend_refs.is_empty() {
+        return Err(ConfigError::new(
+            resource,
+            field("backendRefs"),
+            "needs at least one backendRef",
+        ));
+    }
+    let weighted = rule
+        .backend_refs
+        .iter()
+        .filter(|b| b.weight.is_some())
+        .count();
+    if weighted != 0 && weighted != rule.backend_refs.len() {
+        return Err(ConfigError::new(
+            resource,
+            field("backendRefs"),
+            "weight is set on some backendRefs but not on others; set it on all or on none",
+        ));
+    }
+    let rule_name = rule.name.as_deref().unwrap_or("");
+    let mut backends = Vec::with_capacity(rule.backend_refs.len());
+    let mut weights = Vec::with_capacity(rule.backend_refs.len());
+    for (b, backend) in rule.backend_refs.iter().enumerate() {
+        let at = |leaf: &str| field(&format!("backendRefs[{b}].{leaf}"));
+        let host = normalize_config_host(&backend.provider_host)
+            .map_err(|m| ConfigError::new(resource, at("providerHost"), m))?;
+        let provider = providers.get(&host).ok_or_else(|| {
+            ConfigError::new(
+                resource,
+                at("providerHost"),
+                format!("no LLMProvider has host {host:?}"),
+            )
+        })?;
+        let weight = match backend.weight {
+            None => 1,
+            Some(w) => u64::try_from(w).map_err(|_| {
+                ConfigError::new(resource, at("weight"), format!("{w} is negative"))
+            })?,
+        };
+        let authority = match &backend.host_rewrite {
+            None => host,
+            Some(rewrite) => normalize_config_host(rewrite)
+                .map_err(|m| ConfigError::new(resource, at("hostRewrite"), m))?,
+        };
+        backends.push(provider_call(provider, rule_name, &authority));
+        weights.push(weight);
+    }
+    let choice = WeightedChoice::new(&weights).ok_or_else(|| {
+        ConfigError::new(
+            resource,
+            field("backendRefs"),
+            "all weights are zero (or their sum overflows): nothing could be chosen",
+        )
+    })?;
+    Ok(RulePolicy {
+        matches,
+        backends,
+        choice,
+    })
+}
+
+/// The call for `provider` as chosen by rule `rule_name` (empty: a direct call): the rule's
+/// `routeSpecificConfigs` entry if there is one, else `defaultConfig` (whole, not merged).
+fn provider_call(
+    provider: &ProviderManifest,
+    rule_name: &str,
+    authority: &str,
+) -> Rc<ProviderCall> {
+    let configs = &provider.spec.configs;
+    let config = (!rule_name.is_empty())
+        .then(|| configs.route_specific_configs.get(rule_name))
+        .flatten()
+        .or(configs.default_config.as_ref())
+        .and_then(|c| c.openai_config.as_ref());
+    let (model, stream, api_key) = match config {
+        Some(c) => (c.model.as_deref(), c.stream, c.api_key.as_deref()),
+        None => (None, None, None),
+    };
+    Rc::new(ProviderCall {
+        provider: provider.metadata.name.clone(),
+        rule: rule_name.to_string(),
+        authority: authority.to_string(),
+        path: provider.spec.path.clone(),
+        model_json: model.map(|m| serde_json::Value::String(m.to_string()).to_string()),
+        stream,
+        authorization: api_key.map(|k| format!("Bearer {k}")),
+    })
+}
+
+/// Checks one `openAIConfig`; `field` is its path inside the provider's spec.
+fn check_openai_config(
+    resource: &str,
+    field: &str,
+    config: &OpenAIConfig,
+) -> Result<(), ConfigError> {
+    if config.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
+        return Err(ConfigError::new(
+            resource,
+            format!("{field}.model"),
+            "must not be empty",
+        ));
+    }
+    if let Some(key) = &config.api_key {
+        if key.is_empty() {
+            return Err(ConfigError::new(
+                resource,
+                format!("{field}.apiKey"),
+                "must not be empty",
+            ));
+        }
+        if key.bytes().any(|b| !(0x20..0x7f).contains(&b)) {
+            return Err(ConfigError::new(
+                resource,
+                format!("{field}.apiKey"),
+                "must be printable ASCII (it becomes an HTTP header)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every `routeSpecificConfigs` key must name a rule that sends traffic to this provider.
+fn check_route_specific_keys(
+    provider: &ProviderManifest,
+    host: &str,
+    routes: &[RouteManifest],
+) -> Result<(), ConfigError> {
+    for key in provider.spec.configs.route_specific_configs.keys() {
+        let used = routes.iter().flat_map(|r| &r.spec.rules).any(|rule| {
+            rule.name.as_deref() == Some(key.as_str())
+                && rule
+                    .backend_refs
+                    .iter()
+                    .any(|b| normalize_config_host(&b.provider_host).as_deref() == Ok(host))
+        });
+        if !used {
+            return Err(ConfigError::new(
+                resource(KIND_PROVIDER, provider),
+                format!("configs.routeSpecificConfigs.{key}"),
+                format!("no LLMRoute rule named {key:?} sends traffic to this provider"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::SplitMix64;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const GATEWAY: &str = include_str!("../tests/data/seed000-gateway.yaml");
+    const MESH: &str = include_str!("../tests/data/seed001-mesh.yaml");
+
+    fn request(authority: &str, extra: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        let mut headers = vec![
+            (":method".to_string(), b"POST".to_vec()),
+            (":path".to_string(), b"/".to_vec()),
+            (":authority".to_string(), authority.as_bytes().to_vec()),
+        ];
+        headers.extend(
+            extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+        );
+        headers
+    }
+
+    fn forward(policy: &Policy, headers: &[(String, Vec<u8>)]) -> Rc<ProviderCall> {
+        match policy.decide(headers, &mut SplitMix64::new(1)) {
+            Decision::Forward(call) => call,
+            other => panic!("expected Forward, got {other:?}"),
+        }
+    }
+
+    fn error(text: &str) -> String {
+        Policy::from_text(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn gateway_seed_routes_test_com_with_host_rewrite() {
+        let policy = Policy::from_text(GATEWAY).unwrap();
+        let call = forward(&policy, &request("test.com", &[]));
+        assert_eq!(call.provider, "dashscope-qwen");
+        assert_eq!(call.rule, "ingress-route");
+        assert_eq!(call.authority, "dashscope.aliyuncs.com");
+        assert_eq!(call.path, "/compatible-mode/v1/chat/completions");
+        assert_eq!(call.model().as_deref(), Some("qwen-1.8b-chat"));
+        assert_eq!(call.stream, Some(false));
+        assert_eq!(call.authorization.as_deref(), Some("Bearer ${API_KEY}"));
+        // The provider host itself is callable directly too.
+        let direct = forward(&policy, &request("dashscope.aliyuncs.com", &[]));
+        assert_eq!(direct.rule, "");
+    }
+
+    #[test]
+    fn mesh_seed_direct_call_and_subscriber_route() {
+        let policy = Policy::from_text(MESH).unwrap();
+        let plain = forward(&policy, &request("dashscope.aliyuncs.com", &[]));
+        assert_eq!(plain.model().as_deref(), Some("qwen1.5-72b-chat"));
+        assert_eq!(plain.stream, None);
+        assert_eq!(plain.rule, "");
+
+        let vip = forward(
+            &policy,
+            &request("dashscope.aliyuncs.com", &[("user-type", "subscriber")]),
+        );
+        assert_eq!(vip.model().as_deref(), Some("qwen-turbo"));
+        assert_eq!(vip.rule, "vip-route");
+
+        let other = forward(
+            &policy,
+            &request("dashscope.aliyuncs.com", &[("user-type", "free")]),
+        );
+        assert_eq!(other.model().as_deref(), Some("qwen1.5-72b-chat"));
+    }
+
+    #[test]
+    fn mesh_seed_splits_fifty_fifty() {
+        let policy = Policy::from_text(MESH).unwrap();
+        let headers = request("demo-llm-server", &[]);
+        let mut rng = SplitMix64::new(99);
+        let n = 10_000;
+        let mut moonshot = 0;
+        for _ in 0..n {
+            match policy.decide(&headers, &mut rng) {
+                Decision::Forward(call) if call.provider == "moonshot" => {
+                    assert_eq!(call.path, "/v1/chat/completions");
+                    assert_eq!(call.model().as_deref(), Some("moonshot-v1-8k"));
+                    assert_eq!(call.authority, "api.moonshot.cn");
+                    moonshot += 1;
+                }
+                Decision::Forward(call) => {
+                    assert_eq!(call.provider, "dashscope-qwen");
+                    // migrate-rule has no routeSpecificConfigs entry: defaultConfig applies.
+                    assert_eq!(call.model().as_deref(), Some("qwen1.5-72b-chat"));
+                    assert_eq!(call.rule, "migrate-rule");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // 5 sigma of binomial(10000, 0.5) is 250.
+        assert!((moonshot - n / 2i32).abs() < 250, "{moonshot}");
+    }
+
+    #[test]
+    fn host_forms() {
+        let policy = Policy::from_text(MESH).unwrap();
+        for host in [
+            "demo-llm-server",
+            "demo-llm-server:80",
+            "DEMO-LLM-SERVER",
+            "demo-llm-server.default",
+            "demo-llm-server.default.svc.cluster.local",
+            "demo-llm-server.default.svc.cluster.local.:8080",
+            "Dashscope.Aliyuncs.Com.",
+        ] {
+            assert!(policy.is_llm_host(host.as_bytes()), "{host}");
+        }
+        for host in [
+            "demo-llm-server.other",
+            "example.com",
+            "",
+            ":80",
+            "[::1]:80",
+            "dashscope.aliyuncs.com.evil",
+        ] {
+            assert!(!policy.is_llm_host(host.as_bytes()), "{host}");
+        }
+        assert!(!policy.is_llm_host(&[0xff, 0x00]));
+        let none = policy.decide(&request("example.com", &[]), &mut SplitMix64::new(1));
+        assert_eq!(none, Decision::PassThrough);
+        let no_authority = vec![(":path".to_string(), b"/".to_vec())];
+        assert_eq!(
+            policy.decide(&no_authority, &mut SplitMix64::new(1)),
+            Decision::PassThrough
+        );
+    }
+
+    #[test]
+    fn rules_in_order_or_of_entries_and_of_conditions() {
+        let text = r#"
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: a}
+spec: {host: a.example, path: /v1/chat/completions}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: b}
+spec: {host: b.example, path: /v1/chat/completions}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: r, namespace: team}
+spec:
+  host: llm
+  rules:
+  - name: both
+    matches:
+    - headers:
+        x-tier: {exact: gold}
+        x-team: {prefix: ml-}
+    - headers:
+        x-vip: {regex: "yes|true"}
+    backendRefs: [{providerHost: a.example}]
+  - name: fallback-b
+    matches:
+    - headers:
+        x-tier: {exact: silver}
+    backendRefs: [{providerHost: B.Example}]
+"#;
+        let policy = Policy::from_text(text).unwrap();
+        let decide = |extra: &[(&str, &str)]| {
+            policy.decide(&request("llm.team", extra), &mut SplitMix64::new(3))
+        };
+        let provider = |d: Decision| match d {
+            Decision::Forward(c) => c.provider.clone(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(
+            provider(decide(&[("x-tier", "gold"), ("x-team", "ml-infra")])),
+            "a"
+        );
+        assert_eq!(provider(decide(&[("x-vip", "true")])), "a");
+        assert_eq!(
+            provider(decide(&[("x-vip", "truely")])),
+            "Reject(RouteNotFound)"
+        );
+        assert_eq!(
+            provider(decide(&[("x-tier", "gold")])),
+            "Reject(RouteNotFound)"
+        );
+        assert_eq!(provider(decide(&[("x-tier", "silver")])), "b");
+        assert_eq!(provider(decide(&[])), "Reject(RouteNotFound)");
+        // A repeated header matches if any of its values does.
+        assert_eq!(
+            provider(decide(&[("x-tier", "bronze"), ("x-tier", "silver")])),
+            "b"
+        );
+        // The namespace alias follows the route's namespace.
+        assert!(policy.is_llm_host(b"llm.team.svc.cluster.local"));
+        assert!(!policy.is_llm_host(b"llm.default"));
+    }
+
+    #[test]
+    fn json_form_equals_yaml_form() {
+        let json = r#"{"providers": [{"apiVersion": "istio.alibabacloud.com/v1beta1", "kind": "LLMProvider",
+            "metadata": {"name": "moonshot", "namespace": "default", "labels": {"a": "b"}},
+            "spec": {"host": "api.moonshot.cn", "path": "/v1/chat/completions",
+                     "configs": {"defaultConfig": {"openAIConfig": {"model": "moonshot-v1-8k", "stream": false, "apiKey": "k"}}}}}],
+          "routes": [{"apiVersion": "istio.alibabacloud.com/v1beta1", "kind": "LLMRoute",
+            "metadata": {"name": "r"},
+            "spec": {"host": "demo", "rules": [{"name": "x", "backendRefs": [{"providerHost": "api.moonshot.cn"}]}]}}],
+          "settings": {"maxRequestBodyBytes": 1024}}"#;
+        let policy = Policy::from_text(json).unwrap();
+        assert_eq!(policy.max_request_body_bytes, 1024);
+        let call = forward(&policy, &request("demo.default.svc.cluster.local", &[]));
+        assert_eq!(call.model().as_deref(), Some("moonshot-v1-8k"));
+        assert_eq!(call.authorization.as_deref(), Some("Bearer k"));
+
+        let empty = Policy::from_text("").unwrap();
+        assert_eq!(
+            empty.max_request_body_bytes,
+            crate::config::DEFAULT_MAX_REQUEST_BODY_BYTES
+        );
+        assert!(!empty.is_llm_host(b"anything"));
+
+        let with_settings = format!("{MESH}\n---\nsettings: {{maxRequestBodyBytes: 2048}}\n");
+        assert_eq!(
+            Policy::from_text(&with_settings)
+                .unwrap()
+                .max_request_body_bytes,
+            2048
+        );
+    }
+
+    const PROVIDER: &str = "apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: p}
+spec: {host: p.example, path: /v1/chat/completions}
+";
+
+    fn with_route(rules: &str) -> String {
+        format!(
+            "{PROVIDER}---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {{name: demo-llm-server, namespace: default}}
+spec:
+  host: demo-llm-server
+  rules:
+{rules}"
+        )
+    }
+
+    #[test]
+    fn config_errors_name_resource_and_field() {
+        let cases: Vec<(String, &str)> = vec![
+            (
+                with_route("  - backendRefs: [{providerHost: p.example}, {providerHost: nowhere.example}]\n"),
+                r#"LLMRoute default/demo-llm-server: rules[0].backendRefs[1].providerHost: no LLMProvider has host "nowhere.example""#,
+            ),
+            (
+                with_route("  - backendRefs: [{providerHost: p.example, weight: 0}]\n"),
+                "LLMRoute default/demo-llm-server: rules[0].backendRefs: all weights are zero",
+            ),
+            (
+                with_route("  - backendRefs: [{providerHost: p.example, weight: -1}]\n"),
+                "LLMRoute default/demo-llm-server: rules[0].backendRefs[0].weight: -1 is negative",
+            ),
+            (
+                with_route("  - backendRefs: [{providerHost: p.example, weight: 2}, {providerHost: p.example}]\n"),
+                "LLMRoute default/demo-llm-server: rules[0].backendRefs: weight is set on some",
+            ),
+            (
+                with_route("  - matches: [{headers: {x: {regex: '(oops'}}}]\n    backendRefs: [{providerHost: p.example}]\n"),
+                "LLMRoute default/demo-llm-server: rules[0].matches[0].headers.x.regex: invalid regex",
+            ),
+            (
+                with_route("  - matches: [{headers: {x: {exact: a, prefix: b}}}]\n    backendRefs: [{providerHost: p.example}]\n"),
+                "LLMRoute default/demo-llm-server: rules[0].matches[0].headers.x: takes only one",
+            ),
+            (
+                with_route("  - backendRefs: []\n"),
+                "LLMRoute default/demo-llm-server: rules[0].backendRefs: needs at least one backendRef",
+            ),
+            (
+                with_route("  - name: a\n    backendRefs: [{providerHost: p.example}]\n  - name: a\n    backendRefs: [{providerHost: p.example}]\n"),
+                "LLMRoute default/demo-llm-server: rules[1].name: \"a\" names another rule",
+            ),
+            (
+                with_route("  - backendRefs: [{providerHost: p.example, hostRewrite: 'https://x'}]\n"),
+                "LLMRoute default/demo-llm-server: rules[0].backendRefs[0].hostRewrite:",
+            ),
+            (
+                with_route("  - backendRefs: [{providerHost: p.example, colour: red}]\n"),
+                "LLMRoute default/demo-llm-server: rules[0].backendRefs[0]: unknown field `colour`",
+            ),
+            (
+                with_route("  - backendRefs: [{providerHost: p.example, weight: 1.5}]\n"),
+                "LLMRoute default/demo-llm-server: rules[0].backendRefs[0].weight: invalid type",
+            ),
+            (
+                format!("{PROVIDER}---\n{}", PROVIDER.replace("name: p", "name: q")),
+                r#"LLMProvider default/q: host: "p.example" is already the host of LLMProvider default/p"#,
+            ),
+            (
+                format!("{PROVIDER}---\n{PROVIDER}"),
+                "LLMProvider default/p: defined more than once",
+            ),
+            (
+                PROVIDER.replace("spec: {", "spec: {configs: {routeSpecificConfigs: {vip: {openAIConfig: {model: m}}}}, "),
+                r#"LLMProvider default/p: configs.routeSpecificConfigs.vip: no LLMRoute rule named "vip" sends traffic to this provider"#,
+            ),
+            (
+                PROVIDER.replace("spec: {", "spec: {configs: {defaultConfig: {openAIConfig: {apiKey: ''}}}, "),
+                "LLMProvider default/p: configs.defaultConfig.openAIConfig.apiKey: must not be empty",
+            ),
+            (
+                PROVIDER.replace("spec: {", "spec: {configs: {defaultConfig: {openAIConfig: {apiKey: \"a\\nb\"}}}, "),
+                "LLMProvider default/p: configs.defaultConfig.openAIConfig.apiKey: must be printable",
+            ),
+            (
+                PROVIDER.replace("spec: {", "spec: {configs: {defaultConfig: {openAIConfig: {modle: m}}}, "),
+                "LLMProvider default/p: configs.defaultConfig.openAIConfig: unknown field `modle`",
+            ),
+            (
+                PROVIDER.replace("/v1/chat/completions", "v1/chat"),
+                "LLMProvider default/p: path: \"v1/chat\" must be an absolute path",
+            ),
+            (
+                PROVIDER.replace("p.example", "p.example:443"),
+                "LLMProvider default/p: host: \"p.example:443\" is not a host name",
+            ),
+            (
+                PROVIDER.replace("v1beta1", "v1"),
+                "LLMProvider default/p: apiVersion: expected \"istio.alibabacloud.com/v1beta1\"",
+            ),
+            (
+                PROVIDER.replace("kind: LLMProvider", "kind: Gateway"),
+                "Gateway default/p: kind: expected LLMProvider or LLMRoute",
+            ),
+            (
+                PROVIDER.replace("metadata: {name: p}", "metadata: {namespace: x}"),
+                "LLMProvider x/<unnamed>: metadata.name: must not be empty",
+            ),
+            (
+                PROVIDER.replace("path: /v1/chat/completions", "path: /v1, extra: 1"),
+                "LLMProvider default/p: spec: unknown field `extra`",
+            ),
+            (
+                "kind: LLMProvider\nspec: [unclosed".to_string(),
+                "document 1: not valid YAML or JSON",
+            ),
+            (
+                "- just\n- a list\n".to_string(),
+                "document 1: expected an LLMProvider or LLMRoute manifest",
+            ),
+            (
+                r#"{"providers": [{"kind": "LLMRoute"}]}"#.to_string(),
+                "LLMRoute default/<unnamed>: kind: expected LLMProvider",
+            ),
+            (
+                r#"{"settings": {"maxRequestBodyBytes": -5}}"#.to_string(),
+                "settings: maxRequestBodyBytes: invalid type: integer `-5`",
+            ),
+            (
+                r#"{"provider": []}"#.to_string(),
+                "document 1: unknown field `provider`",
+            ),
+            (
+                format!("{}---\n{}", with_route("  - backendRefs: [{providerHost: p.example}]\n"),
+                    with_route("  - backendRefs: [{providerHost: p.example}]\n")
+                        .replace(PROVIDER, "").replace("name: demo-llm-server, namespace: default", "name: other")
+                        .replace("host: demo-llm-server", "host: demo-llm-server.default")),
+                r#"LLMRoute default/other: host: "demo-llm-server.default" is already the host of LLMRoute default/demo-llm-server"#,
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = error(&text);
+            assert!(
+                message.starts_with(expected),
+                "expected {expected:?}\n     got {message:?}\nconfig:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_never_in_errors_or_debug() {
+        let text = PROVIDER.replace(
+            "spec: {",
+            "spec: {configs: {defaultConfig: {openAIConfig: {apiKey: sk-123, stream: sk-secret-456}}}, ",
+        );
+        let message = error(&text);
+        assert!(message.contains("stream"), "{message}");
+        assert!(!message.contains("sk-secret-456"), "{message}");
+
+        let policy = Policy::from_text(GATEWAY).unwrap();
+        let call = forward(&policy, &request("test.com", &[]));
+        let debug = format!("{call:?} {policy:?}");
+        assert!(!debug.contains("API_KEY"), "{debug}");
+    }
+}
