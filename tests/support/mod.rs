@@ -1,0 +1,239 @@
+//! Shared e2e harness: the release wasm built once per test process, a throw-away PKI, the
+//! HTTPS mock provider, the plain `local-service` mock, and real Envoy running a shipped
+//! `envoy/*.yaml` patched only where this machine differs (see `patch.rs`).
+//!
+//! Every test starts its own mocks and its own Envoy on kernel-chosen ports, so tests run in
+//! parallel. A missing Envoy binary or a wasm that does not build fails the test.
+
+#![allow(dead_code)]
+
+pub mod client;
+pub mod envoy;
+pub mod mock;
+pub mod patch;
+
+use client::{Req, Resp};
+use mock::{MockServer, TestPki};
+use serde_yaml::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The demo keys of the shipped configs (the tests check which one reached the provider).
+pub const KEY_DASHSCOPE: &str = "sk-demo-dashscope";
+pub const KEY_DASHSCOPE_VIP: &str = "sk-demo-dashscope-vip";
+pub const KEY_MOONSHOT: &str = "sk-demo-moonshot";
+pub const KEY_GATEWAY: &str = "sk-demo-dashscope-gateway";
+
+pub const DASHSCOPE: &str = "dashscope.aliyuncs.com";
+pub const MOONSHOT: &str = "api.moonshot.cn";
+pub const DASHSCOPE_PATH: &str = "/compatible-mode/v1/chat/completions";
+pub const MOONSHOT_PATH: &str = "/v1/chat/completions";
+
+/// The repository root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds the filter (`cargo build --release --lib --target wasm32-wasip1`) once per test
+/// process and returns the absolute path of `llm_filter.wasm`. `LLM_FILTER_WASM` names a
+/// prebuilt file instead.
+pub fn wasm() -> &'static Path {
+    static WASM: OnceLock<PathBuf> = OnceLock::new();
+    WASM.get_or_init(|| {
+        if let Some(p) = std::env::var_os("LLM_FILTER_WASM").filter(|p| !p.is_empty()) {
+            let p = PathBuf::from(p);
+            assert!(
+                p.is_file(),
+                "LLM_FILTER_WASM={} does not exist",
+                p.display()
+            );
+            return p;
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "--release", "--lib", "--target", "wasm32-wasip1"])
+            .current_dir(repo())
+            .output()
+            .expect("cannot run cargo to build the filter");
+        assert!(
+            out.status.success(),
+            "the filter does not build (`cargo build --release --lib --target wasm32-wasip1`):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // CARGO_TARGET_TMPDIR is <target dir>/tmp, so this honours CARGO_TARGET_DIR too.
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .expect("target dir")
+            .to_path_buf();
+        let wasm = target.join("wasm32-wasip1/release/llm_filter.wasm");
+        assert!(
+            wasm.is_file(),
+            "cargo built the filter but {} is missing",
+            wasm.display()
+        );
+        wasm
+    })
+}
+
+/// The process-wide test PKI and its `ca.pem`.
+pub fn pki() -> &'static (TestPki, PathBuf) {
+    static PKI: OnceLock<(TestPki, PathBuf)> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let pki = TestPki::generate(mock::PROVIDER_HOSTS).expect("test PKI");
+        let dir = envoy::temp_dir("pki");
+        let ca = pki.write_ca(&dir).expect("write ca.pem");
+        (pki, ca)
+    })
+}
+
+/// Loads a shipped config from `envoy/`.
+pub fn shipped(name: &str) -> Value {
+    patch::load(&repo().join("envoy").join(name)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Mocks plus an Envoy running a shipped config against them.
+pub struct Stack {
+    pub provider: MockServer,
+    pub local: MockServer,
+    pub envoy: envoy::Envoy,
+}
+
+/// How to start a [`Stack`].
+pub struct StackBuilder {
+    config: String,
+    wasm_configuration: Option<String>,
+    without_filter: bool,
+}
+
+impl Stack {
+    /// `envoy/<config>` as shipped.
+    pub fn builder(config: &str) -> StackBuilder {
+        StackBuilder {
+            config: config.into(),
+            wasm_configuration: None,
+            without_filter: false,
+        }
+    }
+
+    pub fn start(config: &str) -> Stack {
+        Stack::builder(config).start()
+    }
+
+    pub async fn send(&self, req: &Req) -> Resp {
+        client::send(self.envoy.addr, req).await
+    }
+}
+
+/// Patches a shipped config for these mocks (listener and admin on port 0).
+pub fn patched(config: &str, provider: &MockServer, local: &MockServer) -> Value {
+    let mut doc = shipped(config);
+    let (_, ca) = pki();
+    let env = patch::Environment {
+        listener_port: 0,
+        admin_port: 0,
+        provider_addr: provider.addr(),
+        plain_clusters: vec![("local-service".into(), local.addr())],
+        ca_file: ca,
+        wasm_file: wasm(),
+    };
+    patch::patch(&mut doc, &env).unwrap_or_else(|e| panic!("patching envoy/{config}: {e}"));
+    doc
+}
+
+impl StackBuilder {
+    /// Replaces the filter's configuration string.
+    pub fn wasm_configuration(mut self, value: &str) -> StackBuilder {
+        self.wasm_configuration = Some(value.into());
+        self
+    }
+
+    /// Removes the wasm filter: plain Envoy with the same routes and clusters.
+    pub fn without_filter(mut self) -> StackBuilder {
+        self.without_filter = true;
+        self
+    }
+
+    /// The patched config this builder would run.
+    pub fn render(&self, provider: &MockServer, local: &MockServer) -> String {
+        let mut doc = patched(&self.config, provider, local);
+        if let Some(v) = &self.wasm_configuration {
+            patch::set_wasm_configuration(&mut doc, v).unwrap_or_else(|e| panic!("{e}"));
+        }
+        if self.without_filter {
+            patch::remove_wasm_filter(&mut doc).unwrap_or_else(|e| panic!("{e}"));
+        }
+        patch::render(&doc).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn start(self) -> Stack {
+        let provider = MockServer::start_tls(&pki().0).expect("mock provider");
+        let local = MockServer::start_plain().expect("local-service mock");
+        let yaml = self.render(&provider, &local);
+        let label = self.config.trim_end_matches(".yaml").to_string();
+        let envoy = envoy::Envoy::start(&yaml, &label);
+        Stack {
+            provider,
+            local,
+            envoy,
+        }
+    }
+}
+
+/// Asserts the request carried `authorization: Bearer <key>` exactly once, printing only
+/// redacted values on failure.
+pub fn assert_bearer(r: &mock::Recorded, key: &str) {
+    let want = format!("Bearer {key}");
+    let got = r.header("authorization");
+    assert!(
+        got.as_deref() == Some(want.as_str()) && r.header_count("authorization") == 1,
+        "request #{} to {:?}: expected one `authorization: {}`, got {:?} ({} header(s))",
+        r.id,
+        r.sni,
+        mock::redact(&want),
+        got.as_deref().map(mock::redact),
+        r.header_count("authorization")
+    );
+}
+
+/// Asserts the provider saw a body whose length matches any `content-length` it got.
+pub fn assert_no_stale_content_length(r: &mock::Recorded) {
+    if let Some(cl) = r.header("content-length") {
+        assert_eq!(
+            cl.parse::<usize>().ok(),
+            Some(r.body.len()),
+            "request #{}: content-length {cl} but {} body bytes arrived",
+            r.id,
+            r.body.len()
+        );
+    }
+}
+
+/// Asserts an OpenAI-shaped error reply with this status and code.
+pub fn assert_openai_error(resp: &Resp, status: u16, code: &str) {
+    assert_eq!(
+        resp.status,
+        status,
+        "expected {status} `{code}`, got {} with body {}",
+        resp.status,
+        resp.text()
+    );
+    assert!(
+        resp.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "error reply content-type is {:?}",
+        resp.header("content-type")
+    );
+    let j = resp.json();
+    assert_eq!(
+        j["error"]["type"], "invalid_request_error",
+        "error body: {j}"
+    );
+    assert_eq!(j["error"]["code"], code, "error body: {j}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "error.message missing or empty: {j}"
+    );
+}
