@@ -33,6 +33,26 @@ pub struct Environment<'a> {
     pub wasm_file: &'a Path,
 }
 
+/// The SNI of every TLS (provider) cluster: the names the mock's certificate must cover.
+pub fn provider_snis(doc: &Value) -> Vec<String> {
+    let clusters = doc
+        .get("static_resources")
+        .and_then(|s| s.get("clusters"))
+        .and_then(Value::as_sequence);
+    clusters
+        .into_iter()
+        .flatten()
+        .filter(|c| is_tls_cluster(c))
+        .filter_map(|c| {
+            c.get("transport_socket")
+                .and_then(|t| t.get("typed_config"))
+                .and_then(|t| t.get("sni"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 /// Reads and parses a config file.
 pub fn load(path: &Path) -> Result<Value, String> {
     let text = std::fs::read_to_string(path)
