@@ -17,7 +17,8 @@
 //! What it does:
 //! - generates a throw-away CA and writes `DIR/ca.pem`; starts one HTTPS mock provider
 //!   (HTTP/1.1 and h2) whose certificate covers every provider host (each TLS cluster's SNI),
-//!   and one plain-HTTP mock for the `local-service` cluster (non-LLM traffic);
+//!   one plain-HTTP mock for the `local-service` cluster (non-LLM traffic), and one for the
+//!   `ext-authz` cluster of `envoy/ext-authz.yaml` (allows every request);
 //! - writes `DIR/<basename of FILE>` for each config: the shipped file with only
 //!   environment-specific fields changed (listener on 127.0.0.1:PORT, admin on
 //!   127.0.0.1:PORT+1000, provider clusters pointed at the mock and verified with `ca.pem`,
@@ -198,15 +199,21 @@ mod host {
 
         let provider = MockServer::start_on(Some(&pki), args.provider_port)?;
         let local = MockServer::start_on(None, args.local_port)?;
+        // Stand-in for envoy/ext-authz.yaml's authorization service: allows everything.
+        let authz = MockServer::start_on(None, 0)?;
         provider.set_observer(|r| log_line("provider", r));
         local.set_observer(|r| log_line("local-service", r));
+        authz.set_observer(|r| log_line("ext-authz", r));
 
         for (file, port, mut doc) in docs {
             let env = patch::Environment {
                 listener_port: port,
                 admin_port: port + 1000,
                 provider_addr: provider.addr(),
-                plain_clusters: vec![("local-service".into(), local.addr())],
+                plain_clusters: vec![
+                    ("local-service".into(), local.addr()),
+                    ("ext-authz".into(), authz.addr()),
+                ],
                 ca_file: &ca,
                 wasm_file: &args.wasm,
             };
@@ -252,6 +259,7 @@ mod host {
         let _ = std::fs::remove_file(&ready);
         drop(provider);
         drop(local);
+        drop(authz);
         result
     }
 }

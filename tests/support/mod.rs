@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod envoy;
+pub mod jwt;
 pub mod mock;
 pub mod patch;
 
@@ -96,6 +97,8 @@ pub fn shipped(name: &str) -> Value {
 pub struct Stack {
     pub provider: MockServer,
     pub local: MockServer,
+    /// Plain mocks for other clusters (e.g. `ext-authz`), by cluster name.
+    pub extra: Vec<(String, MockServer)>,
     pub envoy: envoy::Envoy,
 }
 
@@ -104,6 +107,7 @@ pub struct StackBuilder {
     config: String,
     wasm_configuration: Option<String>,
     without_filter: bool,
+    extra_clusters: Vec<String>,
 }
 
 impl Stack {
@@ -113,6 +117,7 @@ impl Stack {
             config: config.into(),
             wasm_configuration: None,
             without_filter: false,
+            extra_clusters: Vec::new(),
         }
     }
 
@@ -123,17 +128,38 @@ impl Stack {
     pub async fn send(&self, req: &Req) -> Resp {
         client::send(self.envoy.addr, req).await
     }
+
+    /// The plain mock standing in for `cluster`.
+    pub fn mock(&self, cluster: &str) -> &MockServer {
+        self.extra
+            .iter()
+            .find(|(n, _)| n == cluster)
+            .map(|(_, m)| m)
+            .unwrap_or_else(|| panic!("no mock for cluster {cluster}"))
+    }
 }
 
 /// Patches a shipped config for these mocks (listener and admin on port 0).
 pub fn patched(config: &str, provider: &MockServer, local: &MockServer) -> Value {
+    patched_with(config, provider, local, &[])
+}
+
+/// Like [`patched`], with more plain clusters pointed at mocks.
+pub fn patched_with(
+    config: &str,
+    provider: &MockServer,
+    local: &MockServer,
+    extra: &[(String, MockServer)],
+) -> Value {
     let mut doc = shipped(config);
     let (_, ca) = pki();
+    let mut plain_clusters = vec![("local-service".to_string(), local.addr())];
+    plain_clusters.extend(extra.iter().map(|(n, m)| (n.clone(), m.addr())));
     let env = patch::Environment {
         listener_port: 0,
         admin_port: 0,
         provider_addr: provider.addr(),
-        plain_clusters: vec![("local-service".into(), local.addr())],
+        plain_clusters,
         ca_file: ca,
         wasm_file: wasm(),
     };
@@ -154,9 +180,24 @@ impl StackBuilder {
         self
     }
 
+    /// Points the plain cluster `name` at a mock of its own ([`Stack::mock`]).
+    pub fn plain_cluster(mut self, name: &str) -> StackBuilder {
+        self.extra_clusters.push(name.into());
+        self
+    }
+
     /// The patched config this builder would run.
     pub fn render(&self, provider: &MockServer, local: &MockServer) -> String {
-        let mut doc = patched(&self.config, provider, local);
+        self.render_with(provider, local, &[])
+    }
+
+    fn render_with(
+        &self,
+        provider: &MockServer,
+        local: &MockServer,
+        extra: &[(String, MockServer)],
+    ) -> String {
+        let mut doc = patched_with(&self.config, provider, local, extra);
         if let Some(v) = &self.wasm_configuration {
             patch::set_wasm_configuration(&mut doc, v).unwrap_or_else(|e| panic!("{e}"));
         }
@@ -169,12 +210,18 @@ impl StackBuilder {
     pub fn start(self) -> Stack {
         let provider = MockServer::start_tls(&pki().0).expect("mock provider");
         let local = MockServer::start_plain().expect("local-service mock");
-        let yaml = self.render(&provider, &local);
+        let extra: Vec<(String, MockServer)> = self
+            .extra_clusters
+            .iter()
+            .map(|n| (n.clone(), MockServer::start_plain().expect("plain mock")))
+            .collect();
+        let yaml = self.render_with(&provider, &local, &extra);
         let label = self.config.trim_end_matches(".yaml").to_string();
         let envoy = envoy::Envoy::start(&yaml, &label);
         Stack {
             provider,
             local,
+            extra,
             envoy,
         }
     }
