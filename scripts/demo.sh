@@ -28,14 +28,17 @@ PIDS=()
 
 usage() { sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
-# Stop the processes recorded in $PIDS_FILE (each started with setsid: pid = process group).
+# Stop the processes recorded in $PIDS_FILE (each started with setsid: pid = process group),
+# after checking that the pid still is one of ours (a stale file may name a reused pid).
 stop_recorded() {
     [ -f "$PIDS_FILE" ] || return 0
-    local pid name
+    local pid name cmd
     while read -r pid name; do
         [ -n "$pid" ] || continue
+        cmd="$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline")" || continue
+        case $cmd in *envoy* | *mock_stack*) ;; *) continue ;; esac
         kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || continue
-        log "stopping $name (pid $pid)"
+        log "stopping $name (pid $pid)" || true
         for _ in $(seq 50); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
@@ -64,7 +67,8 @@ esac
 
 cleanup() {
     local rc=$?
-    trap - EXIT INT TERM
+    trap - EXIT INT TERM PIPE
+    set +e # stop everything even if printing fails (e.g. the reader of our output went away)
     if [ "$KEEP_RUNNING" = 1 ] && [ "$STACK_UP" = 1 ]; then
         exit "$rc"
     fi
@@ -74,12 +78,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+trap 'exit 141' PIPE
 
-# start NAME LOGFILE CMD...: run CMD in the background in its own process group.
+# start NAME LOGFILE CMD...: run CMD in the background in its own session and process group,
+# under a small `sh` that waits for it: Envoy stops itself (SIGTERM) when its parent exits,
+# so with --keep-running its parent must outlive this script.
 start() {
     local name=$1 logfile=$2
     shift 2
-    setsid "$@" </dev/null >"$logfile" 2>&1 &
+    # shellcheck disable=SC2016 # $@ and $! belong to the inner sh
+    setsid sh -c '"$@" & wait "$!"' demo-stack "$@" </dev/null >"$logfile" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     printf '%s %s\n' "$pid" "$name" >>"$PIDS_FILE"
@@ -194,6 +202,22 @@ show_command() {
 pretty() { python3 -m json.tool --no-ensure-ascii "$1" 2>/dev/null || cat "$1"; }
 model_of() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("model", ""))' "$1" 2>/dev/null || true; }
 
+# One mock log line (JSON) -> one readable line.
+DESCRIBE_REQUEST='
+import json, sys
+for line in sys.stdin:
+    try:
+        r = json.loads(line)
+        scheme = "https" if r.get("tls") else "http"
+        stream = "(not set)" if r.get("stream") is None else json.dumps(r.get("stream"))
+        print("  provider received: %s %s://%s%s" % (r["method"], scheme, r["host"], r["path"]))
+        print("    model=%s stream=%s authorization=%s (%s, %s bytes)" % (
+            r.get("model"), stream, r.get("authorization"),
+            "TLS, SNI %s" % r.get("sni") if r.get("tls") else "plain HTTP", r.get("bytes")))
+    except Exception:
+        print("  provider received: " + line.rstrip())
+'
+
 MOCK_SEEN=0
 # What the mock providers received since the last call (one JSON line per request).
 show_provider_side() {
@@ -201,7 +225,7 @@ show_provider_side() {
     local total
     total=$(wc -l <"$MOCK_LOG")
     if [ "$total" -gt "$MOCK_SEEN" ]; then
-        sed -n "$((MOCK_SEEN + 1)),${total}p" "$MOCK_LOG" | sed 's/^/  provider received: /'
+        sed -n "$((MOCK_SEEN + 1)),${total}p" "$MOCK_LOG" | python3 -c "$DESCRIBE_REQUEST"
     else
         printf '  (nothing reached a provider)\n'
     fi
@@ -247,7 +271,14 @@ for _ in $(seq 20); do
     cat "$BODY" >>"$ANSWERS"
     printf '\n' >>"$ANSWERS"
 done
-for m in "${!COUNT[@]}"; do printf '  %-20s %2d of 20\n' "$m" "${COUNT[$m]}"; done
+printf 'answers by model:\n'
+for m in "${!COUNT[@]}"; do printf '  %-24s %2d of 20\n' "$m" "${COUNT[$m]}"; done
+printf 'requests by provider host (what the mocks received):\n'
+tail -n +"$((MOCK_SEEN + 1))" "$MOCK_LOG" | python3 -c '
+import collections, json, sys
+hosts = collections.Counter(json.loads(l).get("host") for l in sys.stdin if l.strip())
+for host, n in sorted(hosts.items()):
+    print("  %-24s %2d" % (host, n))' || true
 MOCK_SEEN=$(wc -l <"$MOCK_LOG")
 check "(c) both qwen1.5-72b-chat and moonshot-v1-8k answered, nothing else" \
     test "${COUNT[qwen1.5-72b-chat]:-0}" -gt 0 -a "${COUNT[moonshot-v1-8k]:-0}" -gt 0 \

@@ -66,8 +66,13 @@ e2e_tests() {
         warn "no tests/*.rs yet: nothing to run"
         return 0
     fi
-    # Integration tests only (`--test '*'`): the unit tests already ran above.
-    cargo_test --test '*'
+    # Integration tests only (`--test '*'`): the unit tests already ran above. A hung test
+    # must not eat CI's whole budget: stop after $E2E_TIMEOUT seconds (compilation included).
+    local rc=0
+    E2E_TIMEOUT=${E2E_TIMEOUT:-1800}
+    timeout -k 10 "$E2E_TIMEOUT" cargo test --test '*' 2>&1 | tee -a "$RESULTS" || rc=$?
+    [ "$rc" -ne 124 ] || printf 'end-to-end tests timed out after %ss\n' "$E2E_TIMEOUT" >&2
+    return "$rc"
 }
 
 header "setup"
