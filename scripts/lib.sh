@@ -153,8 +153,10 @@ ensure_wasm_bindgen() {
         log "cargo install wasm-bindgen-cli $want (was: ${have:-none}) into $TOOLS_DIR; takes a few minutes"
         # --locked first, as upstream intends; a yanked pinned dependency makes it fail, so
         # fall back to a fresh resolution. No default features: the test runner needs no TLS.
-        cargo install --locked --no-default-features wasm-bindgen-cli --version "=$want" --root "$TOOLS_DIR" ||
+        if ! cargo install --locked --no-default-features wasm-bindgen-cli --version "=$want" --root "$TOOLS_DIR"; then
+            warn "the error above is expected when crates.io lacks a version in wasm-bindgen-cli's own lock file; retrying without --locked"
             cargo install --no-default-features wasm-bindgen-cli --version "=$want" --root "$TOOLS_DIR"
+        fi
     fi
     ensure_cmd node nodejs
     ok "$(wasm-bindgen-test-runner --version), node $(node --version)"
