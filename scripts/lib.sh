@@ -155,10 +155,13 @@ ensure_wasm_bindgen() {
         # fall back to a fresh resolution. No default features: the test runner needs no TLS.
         if ! cargo install --locked --no-default-features wasm-bindgen-cli --version "=$want" --root "$TOOLS_DIR"; then
             warn "the error above is expected when crates.io lacks a version in wasm-bindgen-cli's own lock file; retrying without --locked"
-            cargo install --no-default-features wasm-bindgen-cli --version "=$want" --root "$TOOLS_DIR"
+            cargo install --no-default-features wasm-bindgen-cli --version "=$want" --root "$TOOLS_DIR" ||
+                return 1 # explicit: callers may run this where `set -e` is off
         fi
+        have="$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $2}')" || true
+        [ "$have" = "$want" ] || { warn "wasm-bindgen-test-runner is ${have:-missing}, want $want"; return 1; }
     fi
-    ensure_cmd node nodejs
+    ensure_cmd node nodejs || return 1
     ok "$(wasm-bindgen-test-runner --version), node $(node --version)"
 }
 
