@@ -103,4 +103,6 @@ read -r passed failed ignored < <(awk '
     END { printf "%d %d %d\n", p, f, g }' "$RESULTS")
 header "summary"
 ok "all $STEP_NO steps passed in $(elapsed "$T0")"
-printf '%d passed, %d failed, %d ignored\n' "$passed" "$failed" "$ignored"
+# CI reads a closing line of exactly this shape.
+printf '%d passed, %d failed\n' "$passed" "$failed"
+[ "$ignored" -eq 0 ] || warn "$ignored tests ignored"
