@@ -48,6 +48,17 @@ pub struct Manifest<S> {
     pub status: Option<serde::de::IgnoredAny>,
 }
 
+impl<S> Manifest<S> {
+    /// `Kind namespace/name`, as error messages name a resource.
+    pub fn resource_name(&self) -> String {
+        let name = match self.metadata.name.as_str() {
+            "" => "<unnamed>",
+            name => name,
+        };
+        format!("{} {}/{name}", self.kind, self.metadata.namespace())
+    }
+}
+
 pub type ProviderManifest = Manifest<ProviderSpec>;
 pub type RouteManifest = Manifest<RouteSpec>;
 
@@ -248,6 +259,71 @@ impl FilterConfig {
         Ok(config)
     }
 
+    /// Adds another configuration's resources (several files make one configuration). Its
+    /// settings win if it has any that differ from the defaults.
+    pub fn extend(&mut self, other: FilterConfig) {
+        self.providers.extend(other.providers);
+        self.routes.extend(other.routes);
+        if other.settings != Settings::default() {
+            self.settings = other.settings;
+        }
+    }
+
+    /// The JSON form (`{"providers": [...], "routes": [...], "settings": {...}}`): what Istio's
+    /// `pluginConfig` carries.
+    pub fn to_bundle_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "providers": self.providers,
+            "routes": self.routes,
+            "settings": self.settings,
+        })
+    }
+
+    /// Replaces every `${NAME}` in an `apiKey` with `lookup(NAME)`; a name `lookup` does not
+    /// know is an error naming it (and the field), never its value.
+    pub fn substitute_api_keys(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), crate::error::ConfigErrors> {
+        let mut errors = Vec::new();
+        for provider in &mut self.providers {
+            let resource = provider.resource_name();
+            let configs = &mut provider.spec.configs;
+            let entries = configs
+                .default_config
+                .iter_mut()
+                .map(|c| ("configs.defaultConfig".to_string(), c))
+                .chain(
+                    configs
+                        .route_specific_configs
+                        .iter_mut()
+                        .map(|(name, c)| (format!("configs.routeSpecificConfigs.{name}"), c)),
+                );
+            for (field, config) in entries {
+                let Some(key) = config
+                    .openai_config
+                    .as_mut()
+                    .and_then(|o| o.api_key.as_mut())
+                else {
+                    continue;
+                };
+                match expand(key, &lookup) {
+                    Ok(expanded) => *key = expanded,
+                    Err(name) => errors.push(ConfigError::new(
+                        &resource,
+                        format!("{field}.openAIConfig.apiKey"),
+                        format!("environment variable {name:?} is not set"),
+                    )),
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::error::ConfigErrors(errors))
+        }
+    }
+
     fn add_manifest_of(&mut self, value: Value, expected_kind: &str) -> Result<(), ConfigError> {
         let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
         if kind != expected_kind {
@@ -286,7 +362,24 @@ impl FilterConfig {
     }
 }
 
-/// `Kind namespace/name`, as error messages name a resource.
+/// `text` with each `${NAME}` replaced by `lookup(NAME)`; `Err(NAME)` for the first unknown one.
+fn expand(text: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start + 2..].find('}') else {
+            break;
+        };
+        let name = &rest[start + 2..start + 2 + len];
+        out.push_str(&rest[..start]);
+        out.push_str(&lookup(name).ok_or_else(|| name.to_string())?);
+        rest = &rest[start + 3 + len..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// `Kind namespace/name` of a manifest not yet deserialized.
 pub fn resource_name(kind: &str, value: &Value) -> String {
     let metadata = value.get("metadata");
     let name = metadata
@@ -355,6 +448,56 @@ mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn api_keys_take_environment_variables() {
+        let text = "apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: p}
+spec:
+  host: p.example
+  path: /v1/chat/completions
+  configs:
+    defaultConfig: {openAIConfig: {apiKey: '${A}'}}
+    routeSpecificConfigs:
+      vip: {openAIConfig: {apiKey: 'pre-${B}-${A}'}}
+      other: {openAIConfig: {apiKey: '${MISSING}'}}
+";
+        let lookup = |name: &str| match name {
+            "A" => Some("alpha".to_string()),
+            "B" => Some("beta".to_string()),
+            _ => None,
+        };
+        let mut config = FilterConfig::parse(text).unwrap();
+        let errors = config.substitute_api_keys(lookup).unwrap_err();
+        assert_eq!(
+            errors.to_string(),
+            "LLMProvider default/p: configs.routeSpecificConfigs.other.openAIConfig.apiKey: \
+             environment variable \"MISSING\" is not set"
+        );
+        let configs = &config.providers[0].spec.configs;
+        let key = |c: &ProviderConfig| c.openai_config.as_ref().unwrap().api_key.clone().unwrap();
+        assert_eq!(key(configs.default_config.as_ref().unwrap()), "alpha");
+        assert_eq!(
+            key(&configs.route_specific_configs["vip"]),
+            "pre-beta-alpha"
+        );
+        assert_eq!(
+            expand("no vars, ${unclosed", &lookup).unwrap(),
+            "no vars, ${unclosed"
+        );
+    }
+
+    #[test]
+    fn bundle_json_round_trips() {
+        let text = include_str!("../tests/data/seed001-mesh.yaml");
+        let config = FilterConfig::parse(text).unwrap();
+        let json = config.to_bundle_json().to_string();
+        assert_eq!(FilterConfig::parse(&json).unwrap(), config);
+        let mut twice = config.clone();
+        twice.extend(FilterConfig::parse(&json).unwrap());
+        assert_eq!(twice.providers.len(), 2 * config.providers.len());
+    }
 
     #[test]
     fn scrub_hides_quoted_strings() {

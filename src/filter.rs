@@ -81,8 +81,10 @@ impl RootContext for LlmRoot {
                 self.policy = Some(Rc::new(policy));
                 true
             }
-            Err(e) => {
-                error!("llm-filter: invalid configuration: {e}");
+            Err(errors) => {
+                for e in &errors.0 {
+                    error!("llm-filter: invalid configuration: {e}");
+                }
                 false
             }
         }

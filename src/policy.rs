@@ -7,11 +7,8 @@ use std::fmt;
 use std::rc::Rc;
 
 use crate::balancer::{RandomSource, WeightedChoice};
-use crate::config::{
-    FilterConfig, OpenAIConfig, ProviderManifest, RouteManifest, RuleConfig, KIND_PROVIDER,
-    KIND_ROUTE,
-};
-use crate::error::{ConfigError, RequestError};
+use crate::config::{FilterConfig, OpenAIConfig, ProviderManifest, RouteManifest, RuleConfig};
+use crate::error::{ConfigError, ConfigErrors, RequestError};
 use crate::matcher::{HeaderConditions, StringMatch};
 
 /// Everything needed to turn a client's request into one provider's call. The rewrite
@@ -100,37 +97,47 @@ pub struct Policy {
 
 impl Policy {
     /// Parses and compiles a plugin configuration.
-    pub fn from_text(text: &str) -> Result<Policy, ConfigError> {
+    pub fn from_text(text: &str) -> Result<Policy, ConfigErrors> {
         Policy::compile(&FilterConfig::parse(text)?)
     }
 
-    pub fn compile(config: &FilterConfig) -> Result<Policy, ConfigError> {
+    /// Validates and compiles a configuration, reporting every resource that is wrong (the
+    /// first problem of each), not just the first one.
+    pub fn compile(config: &FilterConfig) -> Result<Policy, ConfigErrors> {
+        let mut errors = Vec::new();
         if config.settings.max_request_body_bytes == 0 {
-            return Err(ConfigError::new(
+            errors.push(ConfigError::new(
                 "settings",
                 "maxRequestBodyBytes",
                 "must be greater than zero",
             ));
         }
-        check_unique_names(config)?;
-        let providers = index_providers(&config.providers)?;
+        check_unique_names(config, &mut errors);
+        let providers = index_providers(&config.providers, &mut errors);
         let mut hosts: HashMap<String, Rc<HostTarget>> = HashMap::new();
         let mut route_owner: HashMap<String, String> = HashMap::new();
 
         for route in &config.routes {
-            let resource = resource(KIND_ROUTE, route);
-            let host = normalize_config_host(&route.spec.host)
-                .map_err(|m| ConfigError::new(&resource, "host", m))?;
-            let target = Rc::new(HostTarget::Route(compile_rules(
-                route, &resource, &providers,
-            )?));
+            let resource = route.resource_name();
+            let compiled = normalize_config_host(&route.spec.host)
+                .map_err(|m| ConfigError::new(&resource, "host", m))
+                .and_then(|host| Ok((host, compile_rules(route, &resource, &providers)?)));
+            let (host, rules) = match compiled {
+                Ok(compiled) => compiled,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let target = Rc::new(HostTarget::Route(rules));
             for alias in host_aliases(&host, route.metadata.namespace()) {
                 if let Some(other) = route_owner.get(&alias) {
-                    return Err(ConfigError::new(
+                    errors.push(ConfigError::new(
                         &resource,
                         "host",
                         format!("{alias:?} is already the host of {other}"),
                     ));
+                    break;
                 }
                 route_owner.insert(alias.clone(), resource.clone());
                 hosts.insert(alias, Rc::clone(&target));
@@ -138,13 +145,18 @@ impl Policy {
         }
 
         for (host, provider) in &providers.by_host {
-            check_route_specific_keys(provider, host, &config.routes)?;
+            if let Err(e) = check_route_specific_keys(provider, host, &config.routes) {
+                errors.push(e);
+            }
             if !hosts.contains_key(host) {
                 let call = provider_call(provider, "", host);
                 hosts.insert(host.clone(), Rc::new(HostTarget::Provider(call)));
             }
         }
 
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
         Ok(Policy {
             hosts,
             max_request_body_bytes: config.settings.max_request_body_bytes,
@@ -249,35 +261,25 @@ fn host_aliases(host: &str, namespace: &str) -> Vec<String> {
     }
 }
 
-fn resource<S>(kind: &str, manifest: &crate::config::Manifest<S>) -> String {
-    let name = match manifest.metadata.name.as_str() {
-        "" => "<unnamed>",
-        name => name,
-    };
-    format!("{kind} {}/{name}", manifest.metadata.namespace())
-}
-
-fn check_unique_names(config: &FilterConfig) -> Result<(), ConfigError> {
+fn check_unique_names(config: &FilterConfig, errors: &mut Vec<ConfigError>) {
     let mut seen = BTreeSet::new();
     let names = config
         .providers
         .iter()
-        .map(|p| (resource(KIND_PROVIDER, p), p.metadata.name.is_empty()))
+        .map(|p| (p.resource_name(), p.metadata.name.is_empty()))
         .chain(
             config
                 .routes
                 .iter()
-                .map(|r| (resource(KIND_ROUTE, r), r.metadata.name.is_empty())),
+                .map(|r| (r.resource_name(), r.metadata.name.is_empty())),
         );
     for (name, unnamed) in names {
         if unnamed {
-            return Err(ConfigError::new(name, "metadata.name", "must not be empty"));
-        }
-        if !seen.insert(name.clone()) {
-            return Err(ConfigError::new(name, "", "defined more than once"));
+            errors.push(ConfigError::new(name, "metadata.name", "must not be empty"));
+        } else if !seen.insert(name.clone()) {
+            errors.push(ConfigError::new(name, "", "defined more than once"));
         }
     }
-    Ok(())
 }
 
 struct Providers<'a> {
@@ -293,49 +295,68 @@ impl Providers<'_> {
     }
 }
 
-fn index_providers(providers: &[ProviderManifest]) -> Result<Providers<'_>, ConfigError> {
+/// Indexes providers by host. A provider whose host is valid and unique is indexed even when
+/// other fields are wrong, so routes naming it do not report a second, misleading error.
+fn index_providers<'a>(
+    providers: &'a [ProviderManifest],
+    errors: &mut Vec<ConfigError>,
+) -> Providers<'a> {
     let mut by_host: Vec<(String, &ProviderManifest)> = Vec::with_capacity(providers.len());
     for provider in providers {
-        let resource = resource(KIND_PROVIDER, provider);
-        let host = normalize_config_host(&provider.spec.host)
-            .map_err(|m| ConfigError::new(&resource, "host", m))?;
+        let resource = provider.resource_name();
+        let host = match normalize_config_host(&provider.spec.host) {
+            Ok(host) => host,
+            Err(m) => {
+                errors.push(ConfigError::new(&resource, "host", m));
+                continue;
+            }
+        };
         if let Some((_, other)) = by_host.iter().find(|(h, _)| *h == host) {
-            return Err(ConfigError::new(
+            errors.push(ConfigError::new(
                 &resource,
                 "host",
                 format!(
                     "{host:?} is already the host of {}; two providers may not share a host",
-                    self::resource(KIND_PROVIDER, other)
+                    other.resource_name()
                 ),
             ));
+            continue;
         }
-        if !provider.spec.path.starts_with('/') || provider.spec.path.contains(['?', '#']) {
-            return Err(ConfigError::new(
-                &resource,
-                "path",
-                format!(
-                    "{:?} must be an absolute path without query, e.g. /v1/chat/completions",
-                    provider.spec.path
-                ),
-            ));
-        }
-        let configs = &provider.spec.configs;
-        if let Some(openai) = configs
-            .default_config
-            .as_ref()
-            .and_then(|c| c.openai_config.as_ref())
-        {
-            check_openai_config(&resource, "configs.defaultConfig.openAIConfig", openai)?;
-        }
-        for (name, config) in &configs.route_specific_configs {
-            if let Some(openai) = &config.openai_config {
-                let field = format!("configs.routeSpecificConfigs.{name}.openAIConfig");
-                check_openai_config(&resource, &field, openai)?;
-            }
+        if let Err(e) = check_provider(provider, &resource) {
+            errors.push(e);
         }
         by_host.push((host, provider));
     }
-    Ok(Providers { by_host })
+    Providers { by_host }
+}
+
+/// Path and `openAIConfig` checks of one provider.
+fn check_provider(provider: &ProviderManifest, resource: &str) -> Result<(), ConfigError> {
+    if !provider.spec.path.starts_with('/') || provider.spec.path.contains(['?', '#']) {
+        return Err(ConfigError::new(
+            resource,
+            "path",
+            format!(
+                "{:?} must be an absolute path without query, e.g. /v1/chat/completions",
+                provider.spec.path
+            ),
+        ));
+    }
+    let configs = &provider.spec.configs;
+    if let Some(openai) = configs
+        .default_config
+        .as_ref()
+        .and_then(|c| c.openai_config.as_ref())
+    {
+        check_openai_config(resource, "configs.defaultConfig.openAIConfig", openai)?;
+    }
+    for (name, config) in &configs.route_specific_configs {
+        if let Some(openai) = &config.openai_config {
+            let field = format!("configs.routeSpecificConfigs.{name}.openAIConfig");
+            check_openai_config(resource, &field, openai)?;
+        }
+    }
+    Ok(())
 }
 
 fn compile_rules(
@@ -532,7 +553,7 @@ fn check_route_specific_keys(
         });
         if !used {
             return Err(ConfigError::new(
-                resource(KIND_PROVIDER, provider),
+                provider.resource_name(),
                 format!("configs.routeSpecificConfigs.{key}"),
                 format!("no LLMRoute rule named {key:?} sends traffic to this provider"),
             ));
@@ -923,6 +944,30 @@ spec:
                 "expected {expected:?}\n     got {message:?}\nconfig:\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn every_wrong_resource_is_reported() {
+        let text = format!(
+            "{}---\n{}",
+            PROVIDER.replace("/v1/chat/completions", "relative"),
+            with_route("  - backendRefs: [{providerHost: p.example, weight: -2}]\n")
+                .replace(PROVIDER, "")
+        );
+        let errors = Policy::from_text(&text).unwrap_err();
+        let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with("LLMProvider default/p: path:"),
+            "{lines:?}"
+        );
+        // The provider's host is fine, so the route does not also say it is unknown.
+        assert!(
+            lines[1]
+                .starts_with("LLMRoute default/demo-llm-server: rules[0].backendRefs[0].weight"),
+            "{lines:?}"
+        );
+        assert_eq!(errors.to_string(), lines.join("\n"));
     }
 
     #[test]
