@@ -10,6 +10,7 @@ pub mod error;
 pub mod matcher;
 pub mod policy;
 pub mod rewrite;
+pub mod usage;
 
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 mod filter;
