@@ -68,16 +68,11 @@ pub fn rewrite_body(call: &ProviderCall, body: &[u8]) -> Result<Option<Vec<u8>>,
 
     let mut edits: Vec<Edit<'_>> = Vec::with_capacity(2);
     if let Some(wanted) = call.model_json.as_deref() {
-        plan(&mut edits, body, "model", model, wanted);
+        plan(&mut edits, body, "model", model, wanted)?;
     }
     if let Some(wanted) = call.stream {
-        plan(
-            &mut edits,
-            body,
-            "stream",
-            stream,
-            if wanted { "true" } else { "false" },
-        );
+        let wanted = if wanted { "true" } else { "false" };
+        plan(&mut edits, body, "stream", stream, wanted)?;
     }
     if edits.is_empty() {
         return Ok(None);
@@ -98,26 +93,26 @@ fn plan<'a>(
     key: &'static str,
     current: Option<&RawValue>,
     wanted: &'a str,
-) {
-    match current {
-        Some(raw) if raw.get() == wanted => {}
-        Some(raw) => edits.push(Edit {
-            span: Some(span_of(body, raw.get())),
-            key,
-            text: wanted,
-        }),
-        None => edits.push(Edit {
-            span: None,
-            key,
-            text: wanted,
-        }),
-    }
+) -> Result<(), RequestError> {
+    let span = match current {
+        Some(raw) if raw.get() == wanted => return Ok(()),
+        Some(raw) => Some(span_of(body, raw.get()).ok_or(RequestError::InvalidJson)?),
+        None => None,
+    };
+    edits.push(Edit {
+        span,
+        key,
+        text: wanted,
+    });
+    Ok(())
 }
 
-/// Byte range of `part` (a slice borrowed from `body`) inside `body`.
-fn span_of(body: &[u8], part: &str) -> (usize, usize) {
-    let start = (part.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
-    (start, start + part.len())
+/// Byte range of `part` inside `body`. serde_json borrows raw values from the input, so this
+/// always succeeds; it is checked anyway so that a copy could never make us slice out of bounds.
+fn span_of(body: &[u8], part: &str) -> Option<(usize, usize)> {
+    let start = (part.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (body.get(start..end)? == part.as_bytes()).then_some((start, end))
 }
 
 fn apply(body: &[u8], open: usize, empty_object: bool, edits: &mut [Edit<'_>]) -> Vec<u8> {
