@@ -1,11 +1,1150 @@
 //! `render envoy`: a complete Envoy 1.40 bootstrap for the manifests.
+//!
+//! One listener (plain HTTP) whose HTTP connection manager runs the `--extend` filters, the
+//! llm-filter (the manifests embedded as its configuration) and the router. The filter sets
+//! `:authority` to the chosen provider host and Envoy re-selects the route, so the bootstrap
+//! has one virtual host per `LLMProvider` host routing to that provider's TLS cluster, and a
+//! catch-all for every other host. The output depends only on the inputs: resources keep the
+//! order of the manifests, extends the order of the flags.
 
-use llm_filter::config::FilterConfig;
+use std::path::{Path, PathBuf};
 
-use crate::args::EnvoyOptions;
+use llm_filter::config::{FilterConfig, Settings};
+use serde_yaml::{Mapping, Value};
 
-/// The bootstrap as YAML. Not written yet.
-pub fn render(config: &FilterConfig, options: &EnvoyOptions) -> Result<String, String> {
-    let _ = (config, options);
-    Err("render envoy: not implemented yet".to_string())
+use crate::args::{EnvoyOptions, SocketAddr};
+
+/// The system CA bundle (Debian/Ubuntu/Alpine path) that verifies providers by default.
+const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Envoy answers 413 by itself once a buffered request body passes the listener's buffer
+/// limit (1 MiB by default): it must stay above the filter's own limit.
+const MIN_BUFFER_LIMIT: u64 = 16 * 1024 * 1024;
+/// LLM answers take long; streamed answers pause between events.
+const ROUTE_TIMEOUT: &str = "300s";
+const CONNECT_TIMEOUT: &str = "10s";
+const LISTENER: &str = "llm";
+const WASM_FILTER: &str = "envoy.filters.http.wasm";
+const ROUTER: &str = "envoy.filters.http.router";
+const CATCH_ALL: &str = "everything-else";
+const ACCESS_LOG_FORMAT: &str =
+    "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% \
+%PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms \
+authority=%REQ(:AUTHORITY)% cluster=%UPSTREAM_CLUSTER% upstream=%UPSTREAM_HOST% \
+client=%DOWNSTREAM_REMOTE_ADDRESS%\n";
+
+/// The bootstrap as YAML, preceded by a comment naming the command and files it came from.
+/// `files` are the manifest files as given on the command line.
+pub fn render(
+    config: &FilterConfig,
+    options: &EnvoyOptions,
+    files: &[PathBuf],
+) -> Result<String, String> {
+    let extends = options
+        .extends
+        .iter()
+        .map(|path| Extend::load(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let providers = plan_providers(config, options)?;
+    check_names(&providers, &extends)?;
+    let configuration = embedded_configuration(config)?;
+    let buffer_limit = buffer_limit(&config.settings);
+
+    let mut clusters: Vec<Value> = providers
+        .iter()
+        .map(|p| provider_cluster(p, options, buffer_limit))
+        .collect();
+    clusters.extend(extends.iter().flat_map(|e| e.clusters.iter().cloned()));
+
+    let mut virtual_hosts: Vec<Value> = providers.iter().map(provider_virtual_host).collect();
+    let mut catch_all = None;
+    for extend in &extends {
+        for vh in &extend.virtual_hosts {
+            if domains_of(vh).iter().any(|d| d == "*") {
+                catch_all = Some(vh.clone());
+            } else {
+                virtual_hosts.push(vh.clone());
+            }
+        }
+    }
+    virtual_hosts.push(catch_all.unwrap_or_else(default_catch_all));
+
+    let mut http_filters: Vec<Value> = extends
+        .iter()
+        .flat_map(|e| e.http_filters.iter().cloned())
+        .collect();
+    http_filters.push(wasm_filter(&options.wasm, &configuration));
+    http_filters.push(map([
+        ("name", ROUTER.into()),
+        (
+            "typed_config",
+            typed("envoy.extensions.filters.http.router.v3.Router", []),
+        ),
+    ]));
+
+    let bootstrap = map([
+        ("admin", map([("address", socket_address(&options.admin))])),
+        (
+            "static_resources",
+            map([
+                (
+                    "listeners",
+                    Value::Sequence(vec![listener(
+                        &options.listen,
+                        buffer_limit,
+                        virtual_hosts,
+                        http_filters,
+                    )]),
+                ),
+                ("clusters", Value::Sequence(clusters)),
+            ]),
+        ),
+    ]);
+    let yaml = serde_yaml::to_string(&bootstrap)
+        .map_err(|e| format!("render envoy: cannot write YAML: {e}"))?;
+    Ok(format!(
+        "{}{yaml}",
+        header(options, files, &providers, &extends)
+    ))
+}
+
+/// What the bootstrap needs to know about one provider.
+#[derive(Debug)]
+struct ProviderPlan {
+    /// `LLMProvider ns/name`.
+    resource: String,
+    /// Cluster and virtual host name: `metadata.name`, or `name.namespace` when two providers
+    /// in different namespaces share a name.
+    name: String,
+    /// The provider host, normalized as the filter does (lower case, no trailing dot).
+    host: String,
+    /// Every name the filter may set `:authority` to for this provider: its host, then each
+    /// distinct `hostRewrite` that targets it.
+    authorities: Vec<String>,
+    /// `--endpoint`: where to connect instead of `host:443`.
+    endpoint: Option<SocketAddr>,
+}
+
+/// The host as the filter compares it: trimmed, lower case, without a trailing dot.
+fn normalize_host(host: &str) -> String {
+    host.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn plan_providers(
+    config: &FilterConfig,
+    options: &EnvoyOptions,
+) -> Result<Vec<ProviderPlan>, String> {
+    let mut plans: Vec<ProviderPlan> = Vec::with_capacity(config.providers.len());
+    for provider in &config.providers {
+        let name = &provider.metadata.name;
+        let shared = config
+            .providers
+            .iter()
+            .filter(|p| p.metadata.name == *name)
+            .count()
+            > 1;
+        let host = normalize_host(&provider.spec.host);
+        plans.push(ProviderPlan {
+            resource: provider.resource_name(),
+            name: if shared {
+                format!("{name}.{}", provider.metadata.namespace())
+            } else {
+                name.clone()
+            },
+            authorities: vec![host.clone()],
+            endpoint: options.endpoints.get(&host).cloned(),
+            host,
+        });
+    }
+    for host in options.endpoints.keys() {
+        if !plans.iter().any(|p| p.host == normalize_host(host)) {
+            let known: Vec<&str> = plans.iter().map(|p| p.host.as_str()).collect();
+            return Err(format!(
+                "--endpoint {host}=...: no LLMProvider has host {host:?} (hosts: {})",
+                known.join(", ")
+            ));
+        }
+    }
+    // The filter sets `:authority` to `hostRewrite`; Envoy then routes on that name, so it
+    // must lead to the same provider's cluster.
+    for route in &config.routes {
+        for (r, rule) in route.spec.rules.iter().enumerate() {
+            for (b, backend) in rule.backend_refs.iter().enumerate() {
+                let Some(rewrite) = &backend.host_rewrite else {
+                    continue;
+                };
+                let rewrite = normalize_host(rewrite);
+                let target = normalize_host(&backend.provider_host);
+                let at = format!(
+                    "{}: rules[{r}].backendRefs[{b}].hostRewrite",
+                    route.resource_name()
+                );
+                if let Some(owner) = plans
+                    .iter()
+                    .find(|p| p.host != target && p.authorities.contains(&rewrite))
+                {
+                    return Err(format!(
+                        "{at}: {rewrite:?} also leads to {} (Envoy routes on the rewritten \
+                         host, so one name cannot reach two providers)",
+                        owner.resource
+                    ));
+                }
+                if let Some(plan) = plans.iter_mut().find(|p| p.host == target) {
+                    if !plan.authorities.contains(&rewrite) {
+                        plan.authorities.push(rewrite);
+                    }
+                }
+            }
+        }
+    }
+    Ok(plans)
+}
+
+/// Cluster and virtual host names must be unique, and two virtual hosts may not claim one
+/// domain: Envoy would refuse the bootstrap with a less helpful message.
+fn check_names(providers: &[ProviderPlan], extends: &[Extend]) -> Result<(), String> {
+    let mut clusters: Vec<(String, String)> = Vec::new();
+    let mut virtual_hosts: Vec<(String, String)> = Vec::new();
+    let mut domains: Vec<(String, String)> = Vec::new();
+    for p in providers {
+        clusters.push((p.name.clone(), p.resource.clone()));
+        virtual_hosts.push((p.name.clone(), p.resource.clone()));
+        for a in &p.authorities {
+            domains.push((a.clone(), p.resource.clone()));
+            domains.push((format!("{a}:*"), p.resource.clone()));
+        }
+    }
+    virtual_hosts.push((CATCH_ALL.to_string(), "the default catch-all".to_string()));
+    let mut catch_all_from: Option<String> = None;
+    for e in extends {
+        let file = e.path.display().to_string();
+        for (i, c) in e.clusters.iter().enumerate() {
+            let name = name_of(c);
+            if let Some((_, owner)) = clusters.iter().find(|(n, _)| *n == name) {
+                return Err(format!(
+                    "{file}: clusters[{i}]: the name {name:?} is already taken by {owner}"
+                ));
+            }
+            clusters.push((name, file.clone()));
+        }
+        for (i, vh) in e.virtual_hosts.iter().enumerate() {
+            let name = name_of(vh);
+            let vh_domains = domains_of(vh);
+            if vh_domains.iter().any(|d| d == "*") {
+                if let Some(other) = &catch_all_from {
+                    return Err(format!(
+                        "{file}: virtual_hosts[{i}]: a catch-all (\"*\") virtual host is \
+                         already given by {other}"
+                    ));
+                }
+                catch_all_from = Some(file.clone());
+                virtual_hosts.retain(|(n, _)| n != CATCH_ALL);
+            }
+            if let Some((_, owner)) = virtual_hosts.iter().find(|(n, _)| *n == name) {
+                return Err(format!(
+                    "{file}: virtual_hosts[{i}]: the name {name:?} is already taken by {owner}"
+                ));
+            }
+            virtual_hosts.push((name, file.clone()));
+            for d in vh_domains {
+                let d = d.to_ascii_lowercase();
+                if let Some((_, owner)) = domains.iter().find(|(n, _)| *n == d) {
+                    return Err(format!(
+                        "{file}: virtual_hosts[{i}]: domain {d:?} is already routed by {owner}"
+                    ));
+                }
+                domains.push((d, file.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The filter's configuration: the manifests (API keys expanded) as a multi-document YAML
+/// stream, plus a `settings` document when the settings are not the defaults.
+fn embedded_configuration(config: &FilterConfig) -> Result<String, String> {
+    let err = |e: serde_yaml::Error| format!("render envoy: cannot write the manifests: {e}");
+    let mut documents = Vec::new();
+    for provider in &config.providers {
+        documents.push(serde_yaml::to_string(provider).map_err(err)?);
+    }
+    for route in &config.routes {
+        documents.push(serde_yaml::to_string(route).map_err(err)?);
+    }
+    if config.settings != Settings::default() {
+        let settings = map([(
+            "settings",
+            serde_yaml::to_value(&config.settings).map_err(err)?,
+        )]);
+        documents.push(serde_yaml::to_string(&settings).map_err(err)?);
+    }
+    Ok(documents.join("---\n"))
+}
+
+/// The listener's and clusters' buffer limit: 16 MiB, or twice the filter's body limit when
+/// that is larger (Envoy's field is 32-bit).
+fn buffer_limit(settings: &Settings) -> u64 {
+    settings
+        .max_request_body_bytes
+        .saturating_mul(2)
+        .clamp(MIN_BUFFER_LIMIT, u64::from(u32::MAX))
+}
+
+/// A mapping with its keys in the given order.
+fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
+    let mut m = Mapping::new();
+    for (k, v) in entries {
+        m.insert(Value::String(k.to_string()), v);
+    }
+    Value::Mapping(m)
+}
+
+/// `typed_config` of the given proto type, with more fields.
+fn typed<const N: usize>(type_name: &str, fields: [(&str, Value); N]) -> Value {
+    let mut m = Mapping::new();
+    m.insert(
+        "@type".into(),
+        format!("type.googleapis.com/{type_name}").into(),
+    );
+    for (k, v) in fields {
+        m.insert(Value::String(k.to_string()), v);
+    }
+    Value::Mapping(m)
+}
+
+fn strings(items: &[String]) -> Value {
+    Value::Sequence(items.iter().map(|s| s.as_str().into()).collect())
+}
+
+fn socket_address(addr: &SocketAddr) -> Value {
+    map([(
+        "socket_address",
+        map([
+            ("address", addr.address.as_str().into()),
+            ("port_value", u64::from(addr.port).into()),
+        ]),
+    )])
+}
+
+fn name_of(v: &Value) -> String {
+    v.get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn domains_of(v: &Value) -> Vec<String> {
+    v.get("domains")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect()
+}
+
+fn listener(
+    listen: &SocketAddr,
+    buffer_limit: u64,
+    virtual_hosts: Vec<Value>,
+    http_filters: Vec<Value>,
+) -> Value {
+    let access_log = map([
+        ("name", "envoy.access_loggers.stdout".into()),
+        (
+            "typed_config",
+            typed(
+                "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                [(
+                    "log_format",
+                    map([(
+                        "text_format_source",
+                        map([("inline_string", ACCESS_LOG_FORMAT.into())]),
+                    )]),
+                )],
+            ),
+        ),
+    ]);
+    let hcm = typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        [
+            ("stat_prefix", LISTENER.into()),
+            ("access_log", Value::Sequence(vec![access_log])),
+            (
+                "route_config",
+                map([
+                    ("name", LISTENER.into()),
+                    ("virtual_hosts", Value::Sequence(virtual_hosts)),
+                ]),
+            ),
+            ("http_filters", Value::Sequence(http_filters)),
+        ],
+    );
+    map([
+        ("name", LISTENER.into()),
+        ("address", socket_address(listen)),
+        ("per_connection_buffer_limit_bytes", buffer_limit.into()),
+        (
+            "filter_chains",
+            Value::Sequence(vec![map([(
+                "filters",
+                Value::Sequence(vec![map([
+                    (
+                        "name",
+                        "envoy.filters.network.http_connection_manager".into(),
+                    ),
+                    ("typed_config", hcm),
+                ])]),
+            )])]),
+        ),
+    ])
+}
+
+fn wasm_filter(wasm: &str, configuration: &str) -> Value {
+    map([
+        ("name", WASM_FILTER.into()),
+        (
+            "typed_config",
+            typed(
+                "envoy.extensions.filters.http.wasm.v3.Wasm",
+                [(
+                    "config",
+                    map([
+                        ("name", "llm-filter".into()),
+                        ("root_id", "llm-filter".into()),
+                        (
+                            "vm_config",
+                            map([
+                                ("vm_id", "llm-filter".into()),
+                                ("runtime", "envoy.wasm.runtime.v8".into()),
+                                ("code", map([("local", map([("filename", wasm.into())]))])),
+                            ]),
+                        ),
+                        (
+                            "configuration",
+                            typed(
+                                "google.protobuf.StringValue",
+                                [("value", configuration.into())],
+                            ),
+                        ),
+                    ]),
+                )],
+            ),
+        ),
+    ])
+}
+
+/// After the filter has set `:authority` to a provider host (or a `hostRewrite` of it),
+/// Envoy re-selects the route and lands here.
+fn provider_virtual_host(p: &ProviderPlan) -> Value {
+    let domains: Vec<String> = p
+        .authorities
+        .iter()
+        .flat_map(|a| [a.clone(), format!("{a}:*")])
+        .collect();
+    map([
+        ("name", p.name.as_str().into()),
+        ("domains", strings(&domains)),
+        (
+            "routes",
+            Value::Sequence(vec![map([
+                ("match", map([("prefix", "/".into())])),
+                (
+                    "route",
+                    map([
+                        ("cluster", p.name.as_str().into()),
+                        ("timeout", ROUTE_TIMEOUT.into()),
+                        // No idle timeout: a streamed answer may pause between events.
+                        ("idle_timeout", "0s".into()),
+                    ]),
+                ),
+            ])]),
+        ),
+    ])
+}
+
+/// Hosts the manifests do not name. The filter lets their requests pass untouched, and with
+/// nowhere to pass them to Envoy answers 404, as a gateway does for a host it does not serve.
+/// An `--extend` virtual host with domain `*` replaces this one (e.g. a sidecar's
+/// `local-service`).
+fn default_catch_all() -> Value {
+    map([
+        ("name", CATCH_ALL.into()),
+        ("domains", strings(&["*".to_string()])),
+        (
+            "routes",
+            Value::Sequence(vec![map([
+                ("match", map([("prefix", "/".into())])),
+                (
+                    "direct_response",
+                    map([
+                        ("status", 404u64.into()),
+                        (
+                            "body",
+                            map([("inline_string", "no route for this host\n".into())]),
+                        ),
+                    ]),
+                ),
+            ])]),
+        ),
+    ])
+}
+
+/// Plain HTTP from the client, HTTPS to the provider: SNI and certificate check name the
+/// provider host even when `--endpoint` connects elsewhere.
+fn provider_cluster(p: &ProviderPlan, options: &EnvoyOptions, buffer_limit: u64) -> Value {
+    let default_endpoint = SocketAddr::new(&p.host, 443);
+    let endpoint = p.endpoint.as_ref().unwrap_or(&default_endpoint);
+    let is_ip = endpoint.address.parse::<std::net::IpAddr>().is_ok();
+    let mut cluster = Mapping::new();
+    cluster.insert("name".into(), p.name.as_str().into());
+    if is_ip {
+        cluster.insert("type".into(), "STATIC".into());
+    } else {
+        cluster.insert("type".into(), "LOGICAL_DNS".into());
+        cluster.insert("dns_lookup_family".into(), "V4_PREFERRED".into());
+    }
+    cluster.insert("connect_timeout".into(), CONNECT_TIMEOUT.into());
+    cluster.insert(
+        "per_connection_buffer_limit_bytes".into(),
+        buffer_limit.into(),
+    );
+    cluster.insert(
+        "load_assignment".into(),
+        map([
+            ("cluster_name", p.name.as_str().into()),
+            (
+                "endpoints",
+                Value::Sequence(vec![map([(
+                    "lb_endpoints",
+                    Value::Sequence(vec![map([(
+                        "endpoint",
+                        map([("address", socket_address(endpoint))]),
+                    )])]),
+                )])]),
+            ),
+        ]),
+    );
+    // HTTP/2 when the provider offers it in ALPN, else HTTP/1.1.
+    cluster.insert(
+        "typed_extension_protocol_options".into(),
+        map([(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                [(
+                    "auto_config",
+                    map([
+                        ("http_protocol_options", Value::Mapping(Mapping::new())),
+                        ("http2_protocol_options", Value::Mapping(Mapping::new())),
+                    ]),
+                )],
+            ),
+        )]),
+    );
+    let ca = options.ca.as_deref().unwrap_or(SYSTEM_CA);
+    cluster.insert(
+        "transport_socket".into(),
+        map([
+            ("name", "envoy.transport_sockets.tls".into()),
+            (
+                "typed_config",
+                typed(
+                    "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    [
+                        ("sni", p.host.as_str().into()),
+                        (
+                            "common_tls_context",
+                            map([(
+                                "validation_context",
+                                map([
+                                    ("trusted_ca", map([("filename", ca.into())])),
+                                    (
+                                        "match_typed_subject_alt_names",
+                                        Value::Sequence(vec![map([
+                                            ("san_type", "DNS".into()),
+                                            ("matcher", map([("exact", p.host.as_str().into())])),
+                                        ])]),
+                                    ),
+                                ]),
+                            )]),
+                        ),
+                    ],
+                ),
+            ),
+        ]),
+    );
+    Value::Mapping(cluster)
+}
+
+/// An `--extend` file: Envoy fragments added around what the manifests give.
+#[derive(Debug)]
+struct Extend {
+    path: PathBuf,
+    /// Inserted before the llm-filter, in order (RBAC, JWT, ext_authz run first).
+    http_filters: Vec<Value>,
+    /// Appended after the provider clusters.
+    clusters: Vec<Value>,
+    /// Inserted before the catch-all; one with domain `*` replaces the default catch-all.
+    virtual_hosts: Vec<Value>,
+}
+
+impl Extend {
+    fn load(path: &Path) -> Result<Extend, String> {
+        let file = path.display();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("{file}: cannot read: {e}"))?;
+        Extend::parse(path, &text)
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Extend, String> {
+        let file = path.display();
+        let doc: Value =
+            serde_yaml::from_str(text).map_err(|e| format!("{file}: not valid YAML: {e}"))?;
+        let mut extend = Extend {
+            path: path.to_path_buf(),
+            http_filters: Vec::new(),
+            clusters: Vec::new(),
+            virtual_hosts: Vec::new(),
+        };
+        let entries = match doc {
+            Value::Null => return Ok(extend),
+            Value::Mapping(m) => m,
+            _ => {
+                return Err(format!(
+                    "{file}: expected a mapping with http_filters, clusters and/or virtual_hosts"
+                ))
+            }
+        };
+        for (key, value) in entries {
+            let key = key.as_str().unwrap_or_default().to_string();
+            let list = match key.as_str() {
+                "http_filters" => &mut extend.http_filters,
+                "clusters" => &mut extend.clusters,
+                "virtual_hosts" => &mut extend.virtual_hosts,
+                _ => {
+                    return Err(format!(
+                        "{file}: unknown key {key:?} (expected http_filters, clusters, \
+                         virtual_hosts)"
+                    ))
+                }
+            };
+            let items = match value {
+                Value::Sequence(items) => items,
+                Value::Null => Vec::new(),
+                _ => return Err(format!("{file}: {key}: expected a list")),
+            };
+            for (i, item) in items.into_iter().enumerate() {
+                let name = item.get("name").and_then(Value::as_str).unwrap_or_default();
+                if !item.is_mapping() || name.is_empty() {
+                    return Err(format!(
+                        "{file}: {key}[{i}]: expected a mapping with a name"
+                    ));
+                }
+                if key == "http_filters" && (name == ROUTER) {
+                    return Err(format!(
+                        "{file}: {key}[{i}]: {ROUTER} is added by render envoy, after the \
+                         llm-filter; leave it out"
+                    ));
+                }
+                if key == "virtual_hosts" && domains_of(&item).is_empty() {
+                    return Err(format!("{file}: {key}[{i}]: expected a list of domains"));
+                }
+                list.push(item);
+            }
+        }
+        Ok(extend)
+    }
+}
+
+/// The opening comment: what generated the file, from what, and how to run it.
+fn header(
+    options: &EnvoyOptions,
+    files: &[PathBuf],
+    providers: &[ProviderPlan],
+    extends: &[Extend],
+) -> String {
+    let defaults = EnvoyOptions::default();
+    let mut command = vec!["llm-filter render envoy".to_string()];
+    command.extend(files.iter().map(|f| f.display().to_string()));
+    command.extend(
+        extends
+            .iter()
+            .map(|e| format!("--extend {}", e.path.display())),
+    );
+    if options.wasm != defaults.wasm {
+        command.push(format!("--wasm {}", options.wasm));
+    }
+    let addr = |a: &SocketAddr| {
+        if a.address.contains(':') {
+            format!("[{}]:{}", a.address, a.port)
+        } else {
+            format!("{}:{}", a.address, a.port)
+        }
+    };
+    if options.listen != defaults.listen {
+        command.push(format!("--listen {}", addr(&options.listen)));
+    }
+    if options.admin != defaults.admin {
+        command.push(format!("--admin {}", addr(&options.admin)));
+    }
+    for (host, a) in &options.endpoints {
+        command.push(format!("--endpoint {host}={}", addr(a)));
+    }
+    if let Some(ca) = &options.ca {
+        command.push(format!("--ca {ca}"));
+    }
+
+    let list = |paths: Vec<String>| paths.join(", ");
+    let mut out = format!(
+        "# Generated by `llm-filter render envoy` from {}.\n",
+        list(files.iter().map(|f| f.display().to_string()).collect())
+    );
+    if !extends.is_empty() {
+        out.push_str(&format!(
+            "# Extended with {}.\n",
+            list(
+                extends
+                    .iter()
+                    .map(|e| e.path.display().to_string())
+                    .collect()
+            )
+        ));
+    }
+    out.push_str("# Re-render instead of editing:\n");
+    out.push_str(&format!("#   {}\n#\n", command.join(" ")));
+    let extend_filters = if extends.iter().any(|e| !e.http_filters.is_empty()) {
+        "the extend files' filters, then "
+    } else {
+        ""
+    };
+    out.push_str(&format!(
+        "# An Envoy 1.40 bootstrap. The listener ({}, plain HTTP) runs {extend_filters}the\n\
+         # llm-filter (the manifests are embedded as its configuration), then the router. The\n\
+         # filter sets :authority to the chosen provider host and Envoy routes on it to that\n\
+         # provider's cluster, which speaks HTTPS (SNI and certificate name: the provider host;\n\
+         # CA: {}):\n",
+        addr(&options.listen),
+        options.ca.as_deref().unwrap_or(SYSTEM_CA),
+    ));
+    for p in providers {
+        let target = match &p.endpoint {
+            Some(a) => format!("{} (--endpoint)", addr(a)),
+            None => format!("{}:443", p.host),
+        };
+        out.push_str(&format!(
+            "#   {} -> cluster {} -> {target}\n",
+            p.authorities.join(", "),
+            p.name
+        ));
+    }
+    let extend_catch_all = extends.iter().any(|e| {
+        e.virtual_hosts
+            .iter()
+            .any(|v| domains_of(v).iter().any(|d| d == "*"))
+    });
+    out.push_str(if extend_catch_all {
+        "#   any other host -> the extend files' catch-all virtual host\n"
+    } else {
+        "#   any other host -> 404 (this Envoy serves nothing else)\n"
+    });
+    out.push_str(&format!(
+        "# Admin interface: {}. Envoy opens the wasm module at\n\
+         #   {}\n\
+         # (a relative path is relative to the directory Envoy starts in). The apiKey values are\n\
+         # embedded as rendered (${{NAME}} expanded from the environment): keep a file holding\n\
+         # real keys out of version control.\n",
+        addr(&options.admin),
+        options.wasm
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llm_filter::policy::Policy;
+
+    const MESH: &str = include_str!("../../../tests/data/seed001-mesh.yaml");
+    const GATEWAY: &str = include_str!("../../../tests/data/seed000-gateway.yaml");
+
+    fn config(text: &str) -> FilterConfig {
+        let mut config = FilterConfig::parse(text).unwrap();
+        config
+            .substitute_api_keys(|name| Some(format!("sk-{}", name.replace(' ', "-"))))
+            .unwrap();
+        Policy::compile(&config).unwrap();
+        config
+    }
+
+    fn files() -> Vec<PathBuf> {
+        vec![PathBuf::from("mesh.yaml")]
+    }
+
+    fn rendered(text: &str, options: &EnvoyOptions) -> Value {
+        let yaml = render(&config(text), options, &files()).unwrap();
+        serde_yaml::from_str(&yaml).unwrap()
+    }
+
+    fn hcm(doc: &Value) -> &Value {
+        &doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    }
+
+    fn embedded(doc: &Value) -> String {
+        let filters = hcm(doc)["http_filters"].as_sequence().unwrap();
+        let wasm = filters.iter().find(|f| f["name"] == WASM_FILTER).unwrap();
+        wasm["typed_config"]["config"]["configuration"]["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn cluster<'a>(doc: &'a Value, name: &str) -> &'a Value {
+        doc["static_resources"]["clusters"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no cluster {name}"))
+    }
+
+    fn vhost_names(doc: &Value) -> Vec<String> {
+        hcm(doc)["route_config"]["virtual_hosts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(name_of)
+            .collect()
+    }
+
+    fn filter_names(doc: &Value) -> Vec<String> {
+        hcm(doc)["http_filters"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(name_of)
+            .collect()
+    }
+
+    #[test]
+    fn embedded_configuration_is_accepted_by_the_filter_and_round_trips() {
+        for seed in [MESH, GATEWAY] {
+            let config = config(seed);
+            let doc = rendered(seed, &EnvoyOptions::default());
+            let text = embedded(&doc);
+            Policy::from_text(&text).unwrap();
+            assert_eq!(FilterConfig::parse(&text).unwrap(), config);
+            assert!(!text.contains("settings"), "default settings are left out");
+            assert!(
+                text.starts_with("apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMProvider\n")
+            );
+        }
+        let text = embedded(&rendered(MESH, &EnvoyOptions::default()));
+        assert!(text.contains("apiKey: sk-dashscope-API_KEY"), "{text}");
+        assert_eq!(text.matches("\n---\n").count(), 3, "{text}");
+    }
+
+    #[test]
+    fn non_default_settings_are_embedded_and_raise_the_buffer_limit() {
+        let mut config = config(MESH);
+        config.settings.max_request_body_bytes = 12 * 1024 * 1024;
+        let yaml = render(&config, &EnvoyOptions::default(), &files()).unwrap();
+        let doc: Value = serde_yaml::from_str(&yaml).unwrap();
+        let text = embedded(&doc);
+        assert!(
+            text.ends_with("---\nsettings:\n  maxRequestBodyBytes: 12582912\n"),
+            "{text}"
+        );
+        assert_eq!(FilterConfig::parse(&text).unwrap(), config);
+        let limit = 24 * 1024 * 1024;
+        assert_eq!(
+            doc["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"],
+            limit
+        );
+        assert_eq!(
+            cluster(&doc, "moonshot")["per_connection_buffer_limit_bytes"],
+            limit
+        );
+        assert_eq!(
+            buffer_limit(&Settings {
+                max_request_body_bytes: u64::MAX
+            }),
+            u64::from(u32::MAX)
+        );
+    }
+
+    #[test]
+    fn one_virtual_host_and_tls_cluster_per_provider() {
+        let doc = rendered(MESH, &EnvoyOptions::default());
+        assert_eq!(
+            vhost_names(&doc),
+            ["dashscope-qwen", "moonshot", "everything-else"]
+        );
+        let vhosts = hcm(&doc)["route_config"]["virtual_hosts"].clone();
+        assert_eq!(
+            vhosts[1]["domains"],
+            serde_yaml::from_str::<Value>("[api.moonshot.cn, 'api.moonshot.cn:*']").unwrap()
+        );
+        let route = &vhosts[1]["routes"][0]["route"];
+        assert_eq!(route["cluster"], "moonshot");
+        assert_eq!(route["timeout"], "300s");
+        assert_eq!(route["idle_timeout"], "0s");
+        // The default catch-all: 404 for hosts the manifests do not name.
+        assert_eq!(vhosts[2]["domains"][0], "*");
+        assert_eq!(vhosts[2]["routes"][0]["direct_response"]["status"], 404);
+
+        let c = cluster(&doc, "moonshot");
+        assert_eq!(c["type"], "LOGICAL_DNS");
+        let sa = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            ["socket_address"];
+        assert_eq!(sa["address"], "api.moonshot.cn");
+        assert_eq!(sa["port_value"], 443);
+        let tls = &c["transport_socket"]["typed_config"];
+        assert_eq!(tls["sni"], "api.moonshot.cn");
+        let vc = &tls["common_tls_context"]["validation_context"];
+        assert_eq!(vc["trusted_ca"]["filename"], SYSTEM_CA);
+        assert_eq!(
+            vc["match_typed_subject_alt_names"][0]["matcher"]["exact"],
+            "api.moonshot.cn"
+        );
+        assert!(c["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["auto_config"]
+            .is_mapping());
+        assert_eq!(filter_names(&doc), [WASM_FILTER, ROUTER]);
+        let listener = &doc["static_resources"]["listeners"][0];
+        assert_eq!(listener["per_connection_buffer_limit_bytes"], 16_777_216);
+        assert_eq!(listener["address"]["socket_address"]["address"], "0.0.0.0");
+        assert_eq!(listener["address"]["socket_address"]["port_value"], 10000);
+        assert_eq!(
+            doc["admin"]["address"]["socket_address"]["port_value"],
+            9901
+        );
+    }
+
+    #[test]
+    fn endpoint_and_ca_options_keep_sni_and_san() {
+        let mut options = EnvoyOptions {
+            wasm: "/abs/llm_filter.wasm".into(),
+            listen: SocketAddr::new("127.0.0.1", 0),
+            admin: SocketAddr::new("::1", 9000),
+            ca: Some("/tmp/ca.pem".into()),
+            ..EnvoyOptions::default()
+        };
+        options.endpoints.insert(
+            "dashscope.aliyuncs.com".into(),
+            SocketAddr::new("127.0.0.1", 8443),
+        );
+        options.endpoints.insert(
+            "api.moonshot.cn".into(),
+            SocketAddr::new("mock.internal", 9443),
+        );
+        let yaml = render(&config(MESH), &options, &files()).unwrap();
+        let doc: Value = serde_yaml::from_str(&yaml).unwrap();
+        let c = cluster(&doc, "dashscope-qwen");
+        assert_eq!(c["type"], "STATIC");
+        assert!(c.get("dns_lookup_family").is_none());
+        let sa = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            ["socket_address"];
+        assert_eq!(sa["address"], "127.0.0.1");
+        assert_eq!(sa["port_value"], 8443);
+        let tls = &c["transport_socket"]["typed_config"];
+        assert_eq!(tls["sni"], "dashscope.aliyuncs.com");
+        let vc = &tls["common_tls_context"]["validation_context"];
+        assert_eq!(vc["trusted_ca"]["filename"], "/tmp/ca.pem");
+        assert_eq!(
+            vc["match_typed_subject_alt_names"][0]["matcher"]["exact"],
+            "dashscope.aliyuncs.com"
+        );
+        // A host name as the endpoint needs DNS.
+        assert_eq!(cluster(&doc, "moonshot")["type"], "LOGICAL_DNS");
+        assert_eq!(doc["admin"]["address"]["socket_address"]["address"], "::1");
+        assert!(yaml.contains(
+            "#   llm-filter render envoy mesh.yaml --wasm /abs/llm_filter.wasm --listen 127.0.0.1:0 \
+             --admin [::1]:9000 --endpoint api.moonshot.cn=mock.internal:9443 \
+             --endpoint dashscope.aliyuncs.com=127.0.0.1:8443 --ca /tmp/ca.pem\n"
+        ), "{yaml}");
+
+        options
+            .endpoints
+            .insert("nowhere.example".into(), SocketAddr::new("127.0.0.1", 1));
+        let error = render(&config(MESH), &options, &files()).unwrap_err();
+        assert!(
+            error.starts_with("--endpoint nowhere.example=...: no LLMProvider has host"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn output_is_deterministic_and_starts_with_a_comment() {
+        let options = EnvoyOptions::default();
+        let a = render(&config(MESH), &options, &files()).unwrap();
+        let b = render(&config(MESH), &options, &files()).unwrap();
+        assert_eq!(a, b);
+        assert!(
+            a.starts_with("# Generated by `llm-filter render envoy` from mesh.yaml."),
+            "{a}"
+        );
+        assert!(
+            a.contains("#   demo-llm-server")
+                || a.contains("-> cluster moonshot -> api.moonshot.cn:443"),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn host_rewrite_to_another_name_gets_a_domain_on_its_provider() {
+        let text = GATEWAY.replace(
+            "hostRewrite: dashscope.aliyuncs.com",
+            "hostRewrite: llm.internal",
+        );
+        let doc = rendered(&text, &EnvoyOptions::default());
+        let vhosts = hcm(&doc)["route_config"]["virtual_hosts"].clone();
+        assert_eq!(
+            vhosts[0]["domains"],
+            serde_yaml::from_str::<Value>(
+                "[dashscope.aliyuncs.com, 'dashscope.aliyuncs.com:*', llm.internal, 'llm.internal:*']"
+            )
+            .unwrap()
+        );
+        // A rewrite to another provider's host would reach the wrong cluster.
+        let two = format!(
+            "{MESH}---\n{}",
+            "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: r}\n\
+             spec:\n  host: x.example\n  rules:\n  - backendRefs:\n    - providerHost: api.moonshot.cn\n      hostRewrite: dashscope.aliyuncs.com\n"
+        );
+        let error = render(&config(&two), &EnvoyOptions::default(), &files()).unwrap_err();
+        assert!(
+            error.starts_with(
+                "LLMRoute default/r: rules[0].backendRefs[0].hostRewrite: \"dashscope.aliyuncs.com\" also leads to LLMProvider default/dashscope-qwen"
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn providers_sharing_a_name_get_namespaced_clusters() {
+        let text = format!(
+            "{MESH}---\n{}",
+            "apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMProvider\n\
+             metadata: {name: moonshot, namespace: other}\n\
+             spec: {host: moonshot.example, path: /v1/chat/completions}\n"
+        );
+        let doc = rendered(&text, &EnvoyOptions::default());
+        assert_eq!(
+            vhost_names(&doc),
+            [
+                "dashscope-qwen",
+                "moonshot.default",
+                "moonshot.other",
+                "everything-else"
+            ]
+        );
+        assert_eq!(
+            cluster(&doc, "moonshot.other")["transport_socket"]["typed_config"]["sni"],
+            "moonshot.example"
+        );
+    }
+
+    fn write_extend(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("llm-filter-extend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const RBAC: &str = "http_filters:\n- name: envoy.filters.http.rbac\n  typed_config:\n    \
+        '@type': type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC\n";
+    const LOCAL: &str = "virtual_hosts:\n- name: local\n  domains: ['*']\n  routes:\n  \
+        - match: {prefix: /}\n    route: {cluster: local-service}\nclusters:\n- name: local-service\n  type: STATIC\n";
+
+    #[test]
+    fn extends_add_filters_before_the_llm_filter_and_clusters_and_virtual_hosts() {
+        let rbac = write_extend("rbac.yaml", RBAC);
+        let local = write_extend("local.yaml", LOCAL);
+        let extra = write_extend(
+            "extra.yaml",
+            "http_filters:\n- name: envoy.filters.http.jwt_authn\nvirtual_hosts:\n- name: intranet\n  domains: [intranet.example]\n",
+        );
+        let options = EnvoyOptions {
+            extends: vec![rbac, local, extra],
+            ..EnvoyOptions::default()
+        };
+        let doc = rendered(MESH, &options);
+        assert_eq!(
+            filter_names(&doc),
+            [
+                "envoy.filters.http.rbac",
+                "envoy.filters.http.jwt_authn",
+                WASM_FILTER,
+                ROUTER
+            ]
+        );
+        assert_eq!(
+            vhost_names(&doc),
+            ["dashscope-qwen", "moonshot", "intranet", "local"],
+            "the extend's `*` replaces the default catch-all and stays last"
+        );
+        let clusters: Vec<String> = doc["static_resources"]["clusters"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(name_of)
+            .collect();
+        assert_eq!(clusters, ["dashscope-qwen", "moonshot", "local-service"]);
+        let yaml = render(&config(MESH), &options, &files()).unwrap();
+        assert!(
+            yaml.contains("any other host -> the extend files' catch-all"),
+            "{yaml}"
+        );
+    }
+
+    #[test]
+    fn bad_extends_are_one_clear_line_naming_the_file() {
+        for (text, message) in [
+            ("http_filters: [", "not valid YAML"),
+            ("- a\n", "expected a mapping with http_filters"),
+            ("listeners: []\n", "unknown key \"listeners\""),
+            ("clusters: {name: x}\n", "clusters: expected a list"),
+            ("clusters:\n- type: STATIC\n", "clusters[0]: expected a mapping with a name"),
+            ("http_filters:\n- name: envoy.filters.http.router\n", "http_filters[0]: envoy.filters.http.router is added"),
+            ("virtual_hosts:\n- name: v\n", "virtual_hosts[0]: expected a list of domains"),
+            ("clusters:\n- name: moonshot\n", "clusters[0]: the name \"moonshot\" is already taken by LLMProvider default/moonshot"),
+            ("virtual_hosts:\n- name: v\n  domains: ['API.moonshot.cn:*']\n", "virtual_hosts[0]: domain \"api.moonshot.cn:*\" is already routed by LLMProvider default/moonshot"),
+        ] {
+            let path = write_extend("bad.yaml", text);
+            let options = EnvoyOptions {
+                extends: vec![path.clone()],
+                ..EnvoyOptions::default()
+            };
+            let error = render(&config(MESH), &options, &files()).unwrap_err();
+            let want = format!("{}: {message}", path.display());
+            assert!(error.starts_with(&want), "{text:?}: {error}");
+            assert!(!error.contains('\n'), "{error}");
+        }
+        let local = write_extend("local2.yaml", LOCAL);
+        let again = write_extend(
+            "local3.yaml",
+            &LOCAL
+                .replace("name: local-service", "name: other")
+                .replace("name: local\n", "name: local-b\n"),
+        );
+        let options = EnvoyOptions {
+            extends: vec![local.clone(), again.clone()],
+            ..EnvoyOptions::default()
+        };
+        let error = render(&config(MESH), &options, &files()).unwrap_err();
+        assert!(
+            error.contains("a catch-all (\"*\") virtual host is already given by"),
+            "{error}"
+        );
+        let missing = EnvoyOptions {
+            extends: vec![PathBuf::from("/nonexistent/extend.yaml")],
+            ..EnvoyOptions::default()
+        };
+        let error = render(&config(MESH), &missing, &files()).unwrap_err();
+        assert!(
+            error.starts_with("/nonexistent/extend.yaml: cannot read:"),
+            "{error}"
+        );
+    }
 }

@@ -81,7 +81,7 @@ fn run(argv: &[String]) -> Result<String, Failure> {
         }
         args::Command::RenderEnvoy { files, options } => {
             let loaded = input::load_for_render(&files).map_err(Failure::Errors)?;
-            envoy::render(&loaded.config, &options).map_err(|e| Failure::Errors(vec![e]))
+            envoy::render(&loaded.config, &options, &files).map_err(|e| Failure::Errors(vec![e]))
         }
         args::Command::RenderIstio { files, options } => {
             let loaded = input::load_for_render(&files).map_err(Failure::Errors)?;
