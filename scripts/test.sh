@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every check, in the order CI runs them, stopping at the first failure:
 #   format, clippy (host, wasm32-wasip1, wasm32-unknown-unknown), host unit tests, the same
-#   unit tests inside wasm (wasm-bindgen-test-runner under Node.js), the release .wasm,
-#   `envoy --mode validate` on every envoy/*.yaml, and the end-to-end suite (tests/*.rs)
-#   against real Envoy.
+#   unit tests inside wasm (wasm-bindgen-test-runner under Node.js), the release .wasm, the
+#   generated configs being current (render-configs.sh --check), `envoy --mode validate` on
+#   every envoy/*.yaml, and the end-to-end suite (tests/*.rs) against real Envoy.
 # Installs what is missing first (toolchain targets, Envoy, wasm-bindgen-cli): see lib.sh.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -88,6 +88,9 @@ step "clippy (wasm32-unknown-unknown, all targets)" \
 step "unit tests (host)" cargo_test --lib --bins
 step "unit tests (wasm32-unknown-unknown, Node.js)" wasm_unit_tests
 step "release build ($WASM_OUT)" build_wasm
+# envoy/*.yaml and istio/*.yaml are rendered from envoy/manifests: a stale one fails here.
+step "generated configs are current (render-configs.sh --check)" \
+    bash scripts/render-configs.sh --check
 step "envoy --mode validate envoy/*.yaml" validate_envoy_configs
 step "end-to-end tests (tests/*.rs, real Envoy)" e2e_tests
 
