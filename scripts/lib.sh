@@ -174,3 +174,11 @@ build_wasm() {
         die "expected exactly $WASM_OUT, found: ${wasms:-nothing}"
     ok "$WASM_OUT: $(wc -c <"$WASM_OUT") bytes"
 }
+
+# ensure_oci_tools: skopeo and umoci from Debian. tests/oci.rs checks the image
+# scripts/package-oci.sh builds with them (packaging itself needs neither).
+ensure_oci_tools() {
+    ensure_cmd skopeo skopeo || return 1
+    ensure_cmd umoci umoci || return 1
+    ok "$(skopeo --version), $(umoci --version)"
+}

@@ -4,7 +4,8 @@
 #   unit tests inside wasm (wasm-bindgen-test-runner under Node.js), the release .wasm, the
 #   generated configs being current (render-configs.sh --check), `envoy --mode validate` on
 #   every envoy/*.yaml, and the end-to-end suite (tests/*.rs) against real Envoy.
-# Installs what is missing first (toolchain targets, Envoy, wasm-bindgen-cli): see lib.sh.
+# Installs what is missing first (toolchain targets, Envoy, wasm-bindgen-cli, skopeo and umoci
+# for tests/oci.rs): see lib.sh.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -79,6 +80,7 @@ header "setup"
 ensure_toolchain
 ensure_envoy
 ensure_cmd node nodejs
+ensure_oci_tools
 
 step "cargo fmt --check" cargo fmt --all --check
 step "clippy (host, all targets)" cargo clippy --all-targets -- -D warnings
