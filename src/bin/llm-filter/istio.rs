@@ -54,10 +54,8 @@ pub fn render(config: &FilterConfig, options: &IstioOptions) -> Result<String, S
     for document in documents {
         out.push_str("---\n");
         for line in &document.comments {
-            if line.is_empty() {
-                out.push_str("#\n");
-            } else {
-                out.push_str(&format!("# {line}\n"));
+            for wrapped in wrap(line, COMMENT_WIDTH) {
+                out.push_str(&format!("# {wrapped}\n"));
             }
         }
         let yaml = serde_yaml::to_string(&sorted(&document.resource))
@@ -65,6 +63,26 @@ pub fn render(config: &FilterConfig, options: &IstioOptions) -> Result<String, S
         out.push_str(&yaml);
     }
     Ok(out)
+}
+
+/// Width of a comment line's text (after `# `).
+const COMMENT_WIDTH: usize = 96;
+
+/// `text` in lines of at most `width` characters, broken at spaces (a longer word stays whole).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ').filter(|w| !w.is_empty()) {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    lines.push(line);
+    lines
 }
 
 /// A host as the filter compares it: trimmed, lower-case, without a trailing dot.
@@ -807,6 +825,18 @@ spec:
             .unwrap()
             .lines()
             .all(|l| l.starts_with('#')));
+    }
+
+    #[test]
+    fn comments_wrap_at_spaces() {
+        assert_eq!(wrap("a bb ccc dddd", 6), ["a bb", "ccc", "dddd"]);
+        assert_eq!(wrap("averylongword x", 4), ["averylongword", "x"]);
+        let text = provider("a", "default", "a.example", "");
+        let out = render(&config(&text), &IstioOptions::default()).unwrap();
+        assert!(out
+            .lines()
+            .filter(|l| l.starts_with('#'))
+            .all(|l| l.chars().count() <= COMMENT_WIDTH + 2));
     }
 
     #[test]
