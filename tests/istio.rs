@@ -172,6 +172,31 @@ fn seed_000_gateway_renders_plugin_on_the_gateway_and_virtual_service_for_test_c
 }
 
 #[test]
+fn shipped_authorization_policy_guards_the_gateway_that_runs_the_filter() {
+    let docs = documents(&std::fs::read_to_string("istio/authorization-policy.yaml").unwrap());
+    assert_eq!(docs.len(), 1);
+    let policy = &docs[0];
+    assert_eq!(policy["apiVersion"], "security.istio.io/v1");
+    assert_eq!(policy["kind"], "AuthorizationPolicy");
+    assert_eq!(policy["metadata"]["namespace"], "istio-system");
+    let spec = &policy["spec"];
+    assert_eq!(spec["action"], "DENY");
+    assert_eq!(
+        spec["rules"][0]["to"][0]["operation"]["hosts"],
+        json!(["test.com"])
+    );
+    assert!(spec["rules"][0]["from"][0]["source"]["ipBlocks"][0].is_string());
+    // The same pods as seed 000's WasmPlugin, and the host clients call there (authorization
+    // runs before the filter rewrites it).
+    let rendered = render_istio(SEED_GATEWAY);
+    let plugin = of_kind(&rendered, "WasmPlugin")[0];
+    assert_eq!(spec["selector"], plugin["spec"]["selector"]);
+    assert_eq!(plugin["metadata"]["namespace"], "istio-system");
+    let service = of_kind(&rendered, "VirtualService")[0];
+    assert_eq!(service["spec"]["hosts"][0], "test.com");
+}
+
+#[test]
 fn seed_001_mesh_renders_a_namespace_wide_plugin_and_both_providers() {
     let docs = render_istio(SEED_MESH);
     let plugins = of_kind(&docs, "WasmPlugin");
