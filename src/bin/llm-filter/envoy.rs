@@ -151,7 +151,11 @@ fn plan_providers(
                 name.clone()
             },
             authorities: vec![host.clone()],
-            endpoint: options.endpoints.get(&host).cloned(),
+            endpoint: options
+                .endpoints
+                .iter()
+                .find(|(h, _)| normalize_host(h) == host)
+                .map(|(_, addr)| addr.clone()),
             host,
         });
     }
@@ -930,7 +934,7 @@ mod tests {
             ..EnvoyOptions::default()
         };
         options.endpoints.insert(
-            "dashscope.aliyuncs.com".into(),
+            "dashscope.aliyuncs.com.".into(),
             SocketAddr::new("127.0.0.1", 8443),
         );
         options.endpoints.insert(
@@ -960,7 +964,7 @@ mod tests {
         assert!(yaml.contains(
             "#   llm-filter render envoy mesh.yaml --wasm /abs/llm_filter.wasm --listen 127.0.0.1:0 \
              --admin [::1]:9000 --endpoint api.moonshot.cn=mock.internal:9443 \
-             --endpoint dashscope.aliyuncs.com=127.0.0.1:8443 --ca /tmp/ca.pem\n"
+             --endpoint dashscope.aliyuncs.com.=127.0.0.1:8443 --ca /tmp/ca.pem\n"
         ), "{yaml}");
 
         options
