@@ -20,6 +20,7 @@ use crate::balancer::SplitMix64;
 use crate::error::RequestError;
 use crate::policy::{Decision, Policy, ProviderCall};
 use crate::rewrite::{rewrite_body, rewrite_headers};
+use crate::usage::{Report, ResponseObserver};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -117,10 +118,12 @@ fn seed() -> u64 {
 }
 
 enum State {
-    /// Not an LLM request, or already handled.
+    /// Not an LLM request, or answered locally.
     PassThrough,
     /// Routed: headers rewritten, waiting for the whole body to rewrite it for this call.
     Buffering(Rc<ProviderCall>),
+    /// Sent to the provider: the response is watched for model and usage.
+    Forwarded(Option<ResponseObserver>),
 }
 
 struct LlmHttp {
@@ -128,6 +131,29 @@ struct LlmHttp {
     policy: Rc<Policy>,
     rng: Rc<RefCell<SplitMix64>>,
     state: State,
+}
+
+/// Stores one value as Envoy filter state `wasm.llm.<key>`, readable in access logs as
+/// `%FILTER_STATE(wasm.llm.<key>:PLAIN)%`.
+fn set_filter_state(key: &str, value: &[u8]) {
+    if let Err(status) = hostcalls::set_property(vec![key], Some(value)) {
+        debug!("llm-filter: cannot set {key}: {status:?}");
+    }
+}
+
+fn record_report(report: &Report) {
+    if let Some(model) = &report.model {
+        set_filter_state("llm.response_model", model.as_bytes());
+    }
+    for (key, value) in [
+        ("llm.prompt_tokens", report.prompt_tokens),
+        ("llm.completion_tokens", report.completion_tokens),
+        ("llm.total_tokens", report.total_tokens),
+    ] {
+        if let Some(value) = value {
+            set_filter_state(key, value.to_string().as_bytes());
+        }
+    }
 }
 
 impl LlmHttp {
@@ -165,21 +191,26 @@ impl LlmHttp {
                 return self.reject(RequestError::InvalidJson);
             }
         };
-        match rewrite_body(call, &body) {
-            Ok(None) => {}
-            Ok(Some(new_body)) => {
-                if let Err(status) =
-                    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), &new_body)
-                {
-                    error!(
-                        "#{} llm-filter: cannot replace the body: {status:?}",
-                        self.context_id
-                    );
-                }
-            }
+        let rewritten = match rewrite_body(call, &body, self.policy.request_stream_usage) {
+            Ok(rewritten) => rewritten,
             Err(error) => return self.reject(error),
+        };
+        if let Some(new_body) = &rewritten.body {
+            if let Err(status) =
+                hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), new_body)
+            {
+                error!(
+                    "#{} llm-filter: cannot replace the body: {status:?}",
+                    self.context_id
+                );
+            }
         }
-        self.state = State::PassThrough;
+        set_filter_state("llm.provider", call.provider.as_bytes());
+        set_filter_state("llm.rule", call.rule.as_bytes());
+        if let Some(model) = &rewritten.model {
+            set_filter_state("llm.model", model.as_bytes());
+        }
+        self.state = State::Forwarded(None);
         Action::Continue
     }
 }
@@ -237,6 +268,50 @@ impl HttpContext for LlmHttp {
         }
         let call = Rc::clone(call);
         self.finish_body(&call, body_size)
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        let State::Forwarded(observer) = &mut self.state else {
+            return Action::Continue;
+        };
+        match hostcalls::get_map_bytes(MapType::HttpResponseHeaders) {
+            Ok(headers) => {
+                let mut watching = ResponseObserver::for_response(&headers);
+                if end_of_stream {
+                    if let Some(report) = watching.finish() {
+                        record_report(&report);
+                    }
+                } else {
+                    *observer = Some(watching);
+                }
+            }
+            Err(status) => debug!(
+                "#{} llm-filter: cannot read response headers: {status:?}",
+                self.context_id
+            ),
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Every chunk is passed on as it comes (`Continue`); a copy is read on the side.
+        let State::Forwarded(Some(observer)) = &mut self.state else {
+            return Action::Continue;
+        };
+        if body_size > 0 {
+            if let Ok(Some(chunk)) =
+                hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+            {
+                observer.feed(&chunk);
+            }
+        }
+        if end_of_stream {
+            if let Some(report) = observer.finish() {
+                record_report(&report);
+            }
+            self.state = State::PassThrough;
+        }
+        Action::Continue
     }
 
     fn on_http_request_trailers(&mut self, _: usize) -> Action {
