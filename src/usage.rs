@@ -233,6 +233,14 @@ impl ResponseObserver {
         }
     }
 
+    /// `data` events seen so far (0 unless the response is a stream).
+    pub fn events(&self) -> u64 {
+        match self {
+            ResponseObserver::Sse(reader) => reader.events(),
+            _ => 0,
+        }
+    }
+
     /// What the response reported; `None` when it could not be read.
     pub fn finish(&mut self) -> Option<Report> {
         match self {
