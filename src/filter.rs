@@ -58,10 +58,22 @@ struct Metrics {
     ids: RefCell<HashMap<String, u32>>,
 }
 
+/// Series beyond this count are folded into `model="other"`: a client choosing the model
+/// must not be able to grow Envoy's stats without bound.
+const MAX_SERIES: usize = 2000;
+
 impl Metrics {
-    fn id(&self, metric: Metric, name: String) -> Option<u32> {
+    fn id(&self, metric: Metric, upstream: &Upstream, class: Option<&str>) -> Option<u32> {
+        let call = &upstream.call;
+        let mut name = series(metric, &call.provider, &upstream.model, &call.rule, class);
         if let Some(id) = self.ids.borrow().get(&name) {
             return Some(*id);
+        }
+        if self.ids.borrow().len() >= MAX_SERIES {
+            name = series(metric, &call.provider, "other", &call.rule, class);
+            if let Some(id) = self.ids.borrow().get(&name) {
+                return Some(*id);
+            }
         }
         let kind = if metric.is_histogram() {
             MetricType::Histogram
@@ -80,8 +92,8 @@ impl Metrics {
         }
     }
 
-    fn add(&self, metric: Metric, name: String, value: u64) {
-        let Some(id) = self.id(metric, name) else {
+    fn add(&self, metric: Metric, upstream: &Upstream, class: Option<&str>, value: u64) {
+        let Some(id) = self.id(metric, upstream, class) else {
             return;
         };
         let result = if metric.is_histogram() {
@@ -195,53 +207,28 @@ struct Upstream {
 }
 
 impl Upstream {
-    fn series(&self, metric: Metric, class: Option<&str>) -> String {
-        series(
-            metric,
-            &self.call.provider,
-            &self.model,
-            &self.call.rule,
-            class,
-        )
-    }
-
     /// The answer is over (or the stream was cut): record what it reported.
     fn complete(&mut self, metrics: &Metrics) {
-        metrics.add(
-            Metric::Requests,
-            self.series(Metric::Requests, Some(self.class)),
-            1,
-        );
+        metrics.add(Metric::Requests, self, Some(self.class), 1);
         if let Some(ms) = millis_since(self.sent_at) {
-            metrics.add(
-                Metric::UpstreamLatency,
-                self.series(Metric::UpstreamLatency, None),
-                ms,
-            );
+            metrics.add(Metric::UpstreamLatency, self, None, ms);
         }
         let report = self.observer.as_mut().and_then(ResponseObserver::finish);
+        if let Some(report) = &report {
+            record_report(report);
+        }
         match report {
             Some(report) if report.has_usage() => {
-                record_report(&report);
                 for (metric, value) in [
                     (Metric::PromptTokens, report.prompt_tokens),
                     (Metric::CompletionTokens, report.completion_tokens),
                 ] {
                     if let Some(value) = value {
-                        metrics.add(metric, self.series(metric, None), value);
+                        metrics.add(metric, self, None, value);
                     }
                 }
             }
-            other => {
-                if let Some(report) = other {
-                    record_report(&report);
-                }
-                metrics.add(
-                    Metric::UsageUnknown,
-                    self.series(Metric::UsageUnknown, None),
-                    1,
-                );
-            }
+            _ => metrics.add(Metric::UsageUnknown, self, None, 1),
         }
     }
 
@@ -251,8 +238,7 @@ impl Upstream {
         if !self.first_event_seen && seen > 0 {
             self.first_event_seen = true;
             if let Some(ms) = millis_since(self.sent_at) {
-                let name = self.series(Metric::TimeToFirstToken, None);
-                metrics.add(Metric::TimeToFirstToken, name, ms);
+                metrics.add(Metric::TimeToFirstToken, self, None, ms);
             }
         }
     }

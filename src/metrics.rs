@@ -1,8 +1,8 @@
-//! Metric names. proxy-wasm metrics carry no labels, so the tags travel in the name
-//! (`llm.requests_total;provider=p;model=m;rule=r;class=2xx`) and Envoy's `stats_config.stats_tags`
-//! (shipped by `llm-filter render envoy`, see `TAG_REGEXES`) turn them back into labels: Envoy
-//! shows `wasmcustom.llm.requests_total` with tags `provider`, `model`, `rule`, `class`, and
-//! `/stats/prometheus` a labelled series `wasmcustom_llm_requests_total{...}`.
+//! Metric names. proxy-wasm metrics carry no labels, so the tags travel in the name, in the
+//! encoding Istio's own stats use (`provider=.=p;.;model=.=m;.;rule=.=r;.;llm.requests_total`),
+//! and Envoy's `stats_config.stats_tags` (`TAG_REGEXES`; shipped by `llm-filter render envoy`,
+//! and what Istio's `extraStatTags` generates) turn them back into labels: `/stats/prometheus`
+//! shows `llm_requests_total{provider="p",model="m",rule="r",class="2xx"}`.
 
 /// Counters and histograms the filter keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,14 +39,14 @@ impl Metric {
 /// `(tag name, regex)` pairs for Envoy's `stats_config.stats_tags`: the first group is removed
 /// from the name, the second is the tag's value.
 pub const TAG_REGEXES: [(&str, &str); 4] = [
-    ("provider", "(;provider=([^;]*))"),
-    ("model", "(;model=([^;]*))"),
-    ("rule", "(;rule=([^;]*))"),
-    ("class", "(;class=([^;]*))"),
+    ("provider", r"(provider=\.=(.*?);\.;)"),
+    ("model", r"(model=\.=(.*?);\.;)"),
+    ("rule", r"(rule=\.=(.*?);\.;)"),
+    ("class", r"(class=\.=(.*?);\.;)"),
 ];
 
-/// The full name of one series. Tag values lose the characters that would end them (`;`, `=`)
-/// or that Envoy's stat names do not take (control characters).
+/// The full name of one series: the tags, then the metric's name. Tag values lose the
+/// characters that could end a tag or forge another (`;`, `=`) and control characters.
 pub fn series(
     metric: Metric,
     provider: &str,
@@ -54,26 +54,29 @@ pub fn series(
     rule: &str,
     class: Option<&str>,
 ) -> String {
-    let mut name = String::with_capacity(96);
-    name.push_str(metric.name());
+    let mut name = String::with_capacity(128);
     for (tag, value) in [("provider", provider), ("model", model), ("rule", rule)] {
         push_tag(&mut name, tag, value);
     }
     if let Some(class) = class {
         push_tag(&mut name, "class", class);
     }
+    name.push_str(metric.name());
     name
 }
 
+/// Longest tag value kept (in characters); longer values are cut.
+const MAX_VALUE_CHARS: usize = 64;
+
 fn push_tag(name: &mut String, tag: &str, value: &str) {
-    name.push(';');
     name.push_str(tag);
-    name.push('=');
-    name.extend(value.chars().map(|c| match c {
+    name.push_str("=.=");
+    name.extend(value.chars().take(MAX_VALUE_CHARS).map(|c| match c {
         ';' | '=' => '_',
         c if c.is_control() => '_',
         c => c,
     }));
+    name.push_str(";.;");
 }
 
 /// `2xx`, `4xx`, `5xx`...; `unknown` for what is not a status code.
@@ -105,7 +108,8 @@ mod tests {
         );
         assert_eq!(
             name,
-            "llm.requests_total;provider=dashscope-qwen;model=qwen1.5-72b-chat;rule=vip-route;class=2xx"
+            "provider=.=dashscope-qwen;.;model=.=qwen1.5-72b-chat;.;rule=.=vip-route;.;\
+             class=.=2xx;.;llm.requests_total"
         );
         let mut rest = name.clone();
         for (tag, regex) in TAG_REGEXES {
@@ -126,13 +130,16 @@ mod tests {
 
     #[test]
     fn hostile_values_cannot_forge_tags() {
-        let name = series(Metric::PromptTokens, "p", "m;rule=x", "", None);
+        let name = series(Metric::PromptTokens, "p", "m;.;rule=.=x", "", None);
         assert_eq!(
             name,
-            "llm.prompt_tokens_total;provider=p;model=m_rule_x;rule="
+            "provider=.=p;.;model=.=m_._rule_._x;.;rule=.=;.;llm.prompt_tokens_total"
         );
         let name = series(Metric::PromptTokens, "p", "a\nb", "r", None);
         assert!(!name.contains('\n'));
+        let long = "x".repeat(1000);
+        let name = series(Metric::PromptTokens, "p", &long, "r", None);
+        assert!(name.len() < 200, "{name}");
     }
 
     #[test]
