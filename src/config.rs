@@ -178,6 +178,14 @@ pub struct BackendRefConfig {
 pub struct Settings {
     #[serde(default = "default_max_request_body_bytes")]
     pub max_request_body_bytes: u64,
+    /// Add `stream_options.include_usage: true` to streamed requests that set no
+    /// `stream_options`, so the provider reports token usage at the end of the stream.
+    #[serde(default = "yes")]
+    pub request_stream_usage: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_max_request_body_bytes() -> u64 {
@@ -188,6 +196,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
+            request_stream_usage: true,
         }
     }
 }

@@ -7,19 +7,22 @@
 
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::balancer::SplitMix64;
 use crate::error::RequestError;
-use crate::policy::{Decision, Policy, ProviderCall};
+use crate::metrics::{series, status_class, Metric};
+use crate::policy::{self, Decision, Policy, ProviderCall};
 use crate::rewrite::{rewrite_body, rewrite_headers};
+use crate::usage::{Report, ResponseObserver};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -36,6 +39,7 @@ proxy_wasm::main! {{
 struct LlmRoot {
     policy: Option<Rc<Policy>>,
     rng: Rc<RefCell<SplitMix64>>,
+    metrics: Rc<Metrics>,
 }
 
 impl Default for LlmRoot {
@@ -43,8 +47,73 @@ impl Default for LlmRoot {
         LlmRoot {
             policy: None,
             rng: Rc::new(RefCell::new(SplitMix64::new(0))),
+            metrics: Rc::new(Metrics::default()),
         }
     }
+}
+
+/// Metric ids by series name: each series is defined in Envoy once, on first use.
+#[derive(Default)]
+struct Metrics {
+    ids: RefCell<HashMap<String, u32>>,
+}
+
+/// Series beyond this count are folded into `model="other"`: a client choosing the model
+/// must not be able to grow Envoy's stats without bound.
+const MAX_SERIES: usize = 2000;
+
+impl Metrics {
+    fn id(&self, metric: Metric, upstream: &Upstream, class: Option<&str>) -> Option<u32> {
+        let call = &upstream.call;
+        let mut name = series(metric, &call.provider, &upstream.model, &call.rule, class);
+        if let Some(id) = self.ids.borrow().get(&name) {
+            return Some(*id);
+        }
+        if self.ids.borrow().len() >= MAX_SERIES {
+            name = series(metric, &call.provider, "other", &call.rule, class);
+            if let Some(id) = self.ids.borrow().get(&name) {
+                return Some(*id);
+            }
+        }
+        let kind = if metric.is_histogram() {
+            MetricType::Histogram
+        } else {
+            MetricType::Counter
+        };
+        match hostcalls::define_metric(kind, &name) {
+            Ok(id) => {
+                self.ids.borrow_mut().insert(name, id);
+                Some(id)
+            }
+            Err(status) => {
+                warn!("llm-filter: cannot define metric {name}: {status:?}");
+                None
+            }
+        }
+    }
+
+    fn add(&self, metric: Metric, upstream: &Upstream, class: Option<&str>, value: u64) {
+        let Some(id) = self.id(metric, upstream, class) else {
+            return;
+        };
+        let result = if metric.is_histogram() {
+            hostcalls::record_metric(id, value)
+        } else {
+            hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX))
+        };
+        if let Err(status) = result {
+            debug!("llm-filter: cannot update metric {id}: {status:?}");
+        }
+    }
+}
+
+fn now() -> Option<SystemTime> {
+    hostcalls::get_current_time().ok()
+}
+
+fn millis_since(start: Option<SystemTime>) -> Option<u64> {
+    let elapsed = now()?.duration_since(start?).ok()?;
+    Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Context for LlmRoot {}
@@ -96,6 +165,7 @@ impl RootContext for LlmRoot {
             context_id,
             policy,
             rng: Rc::clone(&self.rng),
+            metrics: Rc::clone(&self.metrics),
             state: State::PassThrough,
         }))
     }
@@ -117,17 +187,92 @@ fn seed() -> u64 {
 }
 
 enum State {
-    /// Not an LLM request, or already handled.
+    /// Not an LLM request, or answered locally.
     PassThrough,
     /// Routed: headers rewritten, waiting for the whole body to rewrite it for this call.
     Buffering(Rc<ProviderCall>),
+    /// Sent to the provider: the response is watched for model, usage and timing.
+    Forwarded(Box<Upstream>),
+}
+
+/// A request on its way to a provider, and what its answer has shown so far.
+struct Upstream {
+    call: Rc<ProviderCall>,
+    /// The model sent upstream, or `unknown`.
+    model: String,
+    sent_at: Option<SystemTime>,
+    class: &'static str,
+    observer: Option<ResponseObserver>,
+    first_event_seen: bool,
+}
+
+impl Upstream {
+    /// The answer is over (or the stream was cut): record what it reported.
+    fn complete(&mut self, metrics: &Metrics) {
+        metrics.add(Metric::Requests, self, Some(self.class), 1);
+        if let Some(ms) = millis_since(self.sent_at) {
+            metrics.add(Metric::UpstreamLatency, self, None, ms);
+        }
+        let report = self.observer.as_mut().and_then(ResponseObserver::finish);
+        if let Some(report) = &report {
+            record_report(report);
+        }
+        match report {
+            Some(report) if report.has_usage() => {
+                for (metric, value) in [
+                    (Metric::PromptTokens, report.prompt_tokens),
+                    (Metric::CompletionTokens, report.completion_tokens),
+                ] {
+                    if let Some(value) = value {
+                        metrics.add(metric, self, None, value);
+                    }
+                }
+            }
+            _ => metrics.add(Metric::UsageUnknown, self, None, 1),
+        }
+    }
+
+    /// Streams: the first event is the first token.
+    fn watch_first_event(&mut self, metrics: &Metrics) {
+        let seen = self.observer.as_ref().map_or(0, ResponseObserver::events);
+        if !self.first_event_seen && seen > 0 {
+            self.first_event_seen = true;
+            if let Some(ms) = millis_since(self.sent_at) {
+                metrics.add(Metric::TimeToFirstToken, self, None, ms);
+            }
+        }
+    }
 }
 
 struct LlmHttp {
     context_id: u32,
     policy: Rc<Policy>,
     rng: Rc<RefCell<SplitMix64>>,
+    metrics: Rc<Metrics>,
     state: State,
+}
+
+/// Stores one value as Envoy filter state `wasm.llm.<key>`, readable in access logs as
+/// `%FILTER_STATE(wasm.llm.<key>:PLAIN)%`.
+fn set_filter_state(key: &str, value: &[u8]) {
+    if let Err(status) = hostcalls::set_property(vec![key], Some(value)) {
+        debug!("llm-filter: cannot set {key}: {status:?}");
+    }
+}
+
+fn record_report(report: &Report) {
+    if let Some(model) = &report.model {
+        set_filter_state("llm.response_model", model.as_bytes());
+    }
+    for (key, value) in [
+        ("llm.prompt_tokens", report.prompt_tokens),
+        ("llm.completion_tokens", report.completion_tokens),
+        ("llm.total_tokens", report.total_tokens),
+    ] {
+        if let Some(value) = value {
+            set_filter_state(key, value.to_string().as_bytes());
+        }
+    }
 }
 
 impl LlmHttp {
@@ -154,7 +299,7 @@ impl LlmHttp {
     }
 
     /// Rewrites the complete buffered body for the chosen provider.
-    fn finish_body(&mut self, call: &ProviderCall, body_size: usize) -> Action {
+    fn finish_body(&mut self, call: Rc<ProviderCall>, body_size: usize) -> Action {
         let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
             Ok(body) => body.unwrap_or_default(),
             Err(status) => {
@@ -165,21 +310,33 @@ impl LlmHttp {
                 return self.reject(RequestError::InvalidJson);
             }
         };
-        match rewrite_body(call, &body) {
-            Ok(None) => {}
-            Ok(Some(new_body)) => {
-                if let Err(status) =
-                    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), &new_body)
-                {
-                    error!(
-                        "#{} llm-filter: cannot replace the body: {status:?}",
-                        self.context_id
-                    );
-                }
-            }
+        let rewritten = match rewrite_body(&call, &body, self.policy.request_stream_usage) {
+            Ok(rewritten) => rewritten,
             Err(error) => return self.reject(error),
+        };
+        if let Some(new_body) = &rewritten.body {
+            if let Err(status) =
+                hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), new_body)
+            {
+                error!(
+                    "#{} llm-filter: cannot replace the body: {status:?}",
+                    self.context_id
+                );
+            }
         }
-        self.state = State::PassThrough;
+        set_filter_state("llm.provider", call.provider.as_bytes());
+        set_filter_state("llm.rule", call.rule.as_bytes());
+        if let Some(model) = &rewritten.model {
+            set_filter_state("llm.model", model.as_bytes());
+        }
+        self.state = State::Forwarded(Box::new(Upstream {
+            call,
+            model: rewritten.model.unwrap_or_else(|| "unknown".to_string()),
+            sent_at: now(),
+            class: "unknown",
+            observer: None,
+            first_event_seen: false,
+        }));
         Action::Continue
     }
 }
@@ -236,7 +393,59 @@ impl HttpContext for LlmHttp {
             return Action::Pause;
         }
         let call = Rc::clone(call);
-        self.finish_body(&call, body_size)
+        self.finish_body(call, body_size)
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        let State::Forwarded(upstream) = &mut self.state else {
+            return Action::Continue;
+        };
+        match hostcalls::get_map_bytes(MapType::HttpResponseHeaders) {
+            Ok(headers) => {
+                upstream.class =
+                    policy::header(&headers, ":status").map_or("unknown", status_class);
+                upstream.observer = Some(ResponseObserver::for_response(&headers));
+            }
+            Err(status) => debug!(
+                "#{} llm-filter: cannot read response headers: {status:?}",
+                self.context_id
+            ),
+        }
+        if end_of_stream {
+            upstream.complete(&self.metrics);
+            self.state = State::PassThrough;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // Every chunk is passed on as it comes (`Continue`); a copy is read on the side.
+        let State::Forwarded(upstream) = &mut self.state else {
+            return Action::Continue;
+        };
+        if body_size > 0 {
+            if let Some(observer) = upstream.observer.as_mut() {
+                if let Ok(Some(chunk)) =
+                    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+                {
+                    observer.feed(&chunk);
+                }
+            }
+            upstream.watch_first_event(&self.metrics);
+        }
+        if end_of_stream {
+            upstream.complete(&self.metrics);
+            self.state = State::PassThrough;
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        // The answer was cut short (reset, timeout): count it with what was seen.
+        if let State::Forwarded(upstream) = &mut self.state {
+            upstream.complete(&self.metrics);
+            self.state = State::PassThrough;
+        }
     }
 
     fn on_http_request_trailers(&mut self, _: usize) -> Action {
@@ -245,6 +454,6 @@ impl HttpContext for LlmHttp {
             return Action::Continue;
         };
         let call = Rc::clone(call);
-        self.finish_body(&call, usize::MAX)
+        self.finish_body(call, usize::MAX)
     }
 }

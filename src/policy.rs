@@ -93,6 +93,7 @@ pub enum Decision {
 pub struct Policy {
     hosts: HashMap<String, Rc<HostTarget>>,
     pub max_request_body_bytes: u64,
+    pub request_stream_usage: bool,
 }
 
 impl Policy {
@@ -160,6 +161,7 @@ impl Policy {
         Ok(Policy {
             hosts,
             max_request_body_bytes: config.settings.max_request_body_bytes,
+            request_stream_usage: config.settings.request_stream_usage,
         })
     }
 

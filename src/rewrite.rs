@@ -40,11 +40,26 @@ pub fn rewrite_headers(call: &ProviderCall, headers: &mut Vec<(String, Vec<u8>)>
     }
 }
 
-/// Checks a chat request body and sets `model` / `stream` as the provider call says. Returns
-/// `Ok(None)` when the body is already what the provider should get. Every byte outside the
-/// replaced values is kept as sent: only top-level keys are looked at, nested values are never
-/// parsed into a tree.
-pub fn rewrite_body(call: &ProviderCall, body: &[u8]) -> Result<Option<Vec<u8>>, RequestError> {
+/// The outcome of a body rewrite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    /// The new body; `None` when the body is already what the provider should get.
+    pub body: Option<Vec<u8>>,
+    /// The model the provider is asked for (configured, else the client's), if any.
+    pub model: Option<String>,
+    /// Whether the provider is asked to stream.
+    pub stream: bool,
+}
+
+/// Checks a chat request body and sets `model` / `stream` as the provider call says; for a
+/// streamed request without `stream_options`, asks for usage in the stream when
+/// `request_stream_usage` is on. Every byte outside the replaced values is kept as sent: only
+/// top-level keys are looked at, nested values are never parsed into a tree.
+pub fn rewrite_body(
+    call: &ProviderCall,
+    body: &[u8],
+    request_stream_usage: bool,
+) -> Result<Rewritten, RequestError> {
     let Some(open) = body.iter().position(|b| !b.is_ascii_whitespace()) else {
         return Err(RequestError::EmptyBody);
     };
@@ -66,19 +81,35 @@ pub fn rewrite_body(call: &ProviderCall, body: &[u8]) -> Result<Option<Vec<u8>>,
         return Err(RequestError::InvalidStream);
     }
 
-    let mut edits: Vec<Edit<'_>> = Vec::with_capacity(2);
-    if let Some(wanted) = call.model_json.as_deref() {
-        plan(&mut edits, body, "model", model, wanted)?;
+    let mut edits: Vec<Edit<'_>> = Vec::with_capacity(3);
+    let upstream_model = match call.model_json.as_deref() {
+        Some(wanted) => {
+            plan(&mut edits, body, "model", model, wanted)?;
+            wanted
+        }
+        None => model.map(RawValue::get).unwrap_or(""),
+    };
+    let streaming = match call.stream {
+        Some(wanted) => {
+            let text = if wanted { "true" } else { "false" };
+            plan(&mut edits, body, "stream", stream, text)?;
+            wanted
+        }
+        None => stream.is_some_and(|s| s.get() == "true"),
+    };
+    if streaming && request_stream_usage && top.get("stream_options").is_none() {
+        plan(&mut edits, body, "stream_options", None, STREAM_USAGE)?;
     }
-    if let Some(wanted) = call.stream {
-        let wanted = if wanted { "true" } else { "false" };
-        plan(&mut edits, body, "stream", stream, wanted)?;
-    }
-    if edits.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(apply(body, open, top.entries.is_empty(), &mut edits)))
+    let body = (!edits.is_empty()).then(|| apply(body, open, top.entries.is_empty(), &mut edits));
+    Ok(Rewritten {
+        body,
+        model: serde_json::from_str(upstream_model).ok(),
+        stream: streaming,
+    })
 }
+
+/// What a streamed request gets so the provider reports usage in its last event.
+const STREAM_USAGE: &str = r#"{"include_usage":true}"#;
 
 /// A change to the body: replace `start..end` with `text`, or insert `"key":text` after `{`.
 struct Edit<'a> {
@@ -240,8 +271,9 @@ mod tests {
     }
 
     fn rewrite(call: &ProviderCall, body: &str) -> Result<String, RequestError> {
-        rewrite_body(call, body.as_bytes())
-            .map(|out| String::from_utf8(out.unwrap_or_else(|| body.as_bytes().to_vec())).unwrap())
+        rewrite_body(call, body.as_bytes(), false).map(|out| {
+            String::from_utf8(out.body.unwrap_or_else(|| body.as_bytes().to_vec())).unwrap()
+        })
     }
 
     fn json(text: &str) -> serde_json::Value {
@@ -286,9 +318,64 @@ mod tests {
     fn unchanged_body_is_not_copied() {
         let c = call(Some("m"), Some(false), None);
         let body = br#"{"model":"m","stream":false,"messages":[]}"#;
-        assert_eq!(rewrite_body(&c, body).unwrap(), None);
+        assert_eq!(rewrite_body(&c, body, true).unwrap().body, None);
         let nothing = call(None, None, None);
-        assert_eq!(rewrite_body(&nothing, br#"{"messages":[]}"#).unwrap(), None);
+        let out = rewrite_body(&nothing, br#"{"messages":[]}"#, true).unwrap();
+        assert_eq!(out.body, None);
+    }
+
+    #[test]
+    fn reports_upstream_model_and_stream() {
+        let configured = call(Some("qwen-turbo"), None, None);
+        let out = rewrite_body(&configured, br#"{"messages":[],"model":"gpt-4o"}"#, true).unwrap();
+        assert_eq!(out.model.as_deref(), Some("qwen-turbo"));
+        assert!(!out.stream);
+
+        let client = call(None, None, None);
+        let out = rewrite_body(&client, br#"{"messages":[],"model":"g\u0070t"}"#, true).unwrap();
+        assert_eq!(out.model.as_deref(), Some("gpt"));
+        let out = rewrite_body(&client, br#"{"messages":[]}"#, true).unwrap();
+        assert_eq!(out.model, None);
+
+        let forced = call(None, Some(true), None);
+        assert!(
+            rewrite_body(&forced, br#"{"messages":[],"stream":false}"#, false)
+                .unwrap()
+                .stream
+        );
+        let off = call(None, Some(false), None);
+        assert!(
+            !rewrite_body(&off, br#"{"messages":[],"stream":true}"#, true)
+                .unwrap()
+                .stream
+        );
+    }
+
+    #[test]
+    fn streamed_requests_ask_for_usage_unless_the_client_chose() {
+        let c = call(None, None, None);
+        let out = rewrite_body(&c, br#"{"messages":[],"stream":true}"#, true).unwrap();
+        let body = json(std::str::from_utf8(&out.body.unwrap()).unwrap());
+        assert_eq!(body["stream_options"], json(r#"{"include_usage":true}"#));
+        assert!(out.stream);
+
+        let own = br#"{"messages":[],"stream":true,"stream_options":{"include_usage":false}}"#;
+        assert_eq!(rewrite_body(&c, own, true).unwrap().body, None);
+        let switched_off = rewrite_body(&c, br#"{"messages":[],"stream":true}"#, false).unwrap();
+        assert_eq!(switched_off.body, None);
+        let not_streamed = rewrite_body(&c, br#"{"messages":[]}"#, true).unwrap();
+        assert_eq!(not_streamed.body, None);
+
+        let forced = call(Some("m"), Some(true), None);
+        let out = rewrite_body(&forced, br#"{}"#, true);
+        assert_eq!(out, Err(RequestError::MissingMessages));
+        let out = rewrite_body(&forced, br#"{"messages":[]}"#, true).unwrap();
+        assert_eq!(
+            json(std::str::from_utf8(&out.body.unwrap()).unwrap()),
+            json(
+                r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#
+            )
+        );
     }
 
     #[test]
@@ -330,7 +417,7 @@ mod tests {
         ];
         for (body, expected) in cases {
             assert_eq!(
-                rewrite_body(&c, body),
+                rewrite_body(&c, body, true),
                 Err(*expected),
                 "{}",
                 String::from_utf8_lossy(body)
@@ -348,7 +435,7 @@ mod tests {
             "]".repeat(depth)
         );
         // Either accepted as-is (raw, never parsed into a tree) or refused; never a crash.
-        let _ = rewrite_body(&c, body.as_bytes());
+        let _ = rewrite_body(&c, body.as_bytes(), true);
     }
 
     #[test]

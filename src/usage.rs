@@ -183,6 +183,74 @@ impl SseReader {
     }
 }
 
+/// Largest non-streamed answer copied for reading; a longer one counts as usage unknown.
+const MAX_JSON_BYTES: usize = 1 << 20;
+
+/// Watches one response go by: JSON copied (bounded) until its end, SSE read event by event,
+/// anything else (compressed, another type) ignored. Never changes or holds back a byte.
+#[derive(Debug)]
+pub enum ResponseObserver {
+    Json(Vec<u8>),
+    Sse(SseReader),
+    Unreadable,
+}
+
+impl ResponseObserver {
+    /// Chooses how to read a response from its headers.
+    pub fn for_response(headers: &[(String, Vec<u8>)]) -> ResponseObserver {
+        let value = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_slice())
+        };
+        if value("content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case(b"identity")) {
+            return ResponseObserver::Unreadable;
+        }
+        let content_type = value("content-type").unwrap_or_default();
+        let media = content_type
+            .split(|&b| b == b';')
+            .next()
+            .unwrap_or_default()
+            .trim_ascii();
+        if media.eq_ignore_ascii_case(b"text/event-stream") {
+            ResponseObserver::Sse(SseReader::new())
+        } else if media.eq_ignore_ascii_case(b"application/json") || media.is_empty() {
+            ResponseObserver::Json(Vec::new())
+        } else {
+            ResponseObserver::Unreadable
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        match self {
+            ResponseObserver::Json(body) if body.len() + chunk.len() <= MAX_JSON_BYTES => {
+                body.extend_from_slice(chunk)
+            }
+            ResponseObserver::Json(_) => *self = ResponseObserver::Unreadable,
+            ResponseObserver::Sse(reader) => reader.feed(chunk),
+            ResponseObserver::Unreadable => {}
+        }
+    }
+
+    /// `data` events seen so far (0 unless the response is a stream).
+    pub fn events(&self) -> u64 {
+        match self {
+            ResponseObserver::Sse(reader) => reader.events(),
+            _ => 0,
+        }
+    }
+
+    /// What the response reported; `None` when it could not be read.
+    pub fn finish(&mut self) -> Option<Report> {
+        match self {
+            ResponseObserver::Json(body) => report_from_json(body),
+            ResponseObserver::Sse(reader) => Some(reader.finish().clone()),
+            ResponseObserver::Unreadable => None,
+        }
+    }
+}
+
 /// The value of an SSE `name: value` line (one optional space after the colon).
 fn field_value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     let rest = line.strip_prefix(name)?;
@@ -279,6 +347,53 @@ mod tests {
         assert_eq!(report.model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
         assert!(!report.has_usage());
         assert!(!done);
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn observer_follows_content_type_and_encoding() {
+        let mut json = ResponseObserver::for_response(&headers(&[(
+            "content-type",
+            "application/json; charset=utf-8",
+        )]));
+        for piece in MOONSHOT_JSON.as_bytes().chunks(7) {
+            json.feed(piece);
+        }
+        assert_eq!(json.finish(), Some(report("moonshot-v1-8k", 78, 78, 156)));
+
+        let mut sse =
+            ResponseObserver::for_response(&headers(&[("content-type", "Text/Event-Stream")]));
+        for piece in DASHSCOPE_SSE.as_bytes().chunks(5) {
+            sse.feed(piece);
+        }
+        assert_eq!(sse.finish(), Some(report("qwen-turbo", 22, 9, 31)));
+
+        for unreadable in [
+            headers(&[
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ]),
+            headers(&[("content-type", "text/html")]),
+        ] {
+            let mut observer = ResponseObserver::for_response(&unreadable);
+            observer.feed(MOONSHOT_JSON.as_bytes());
+            assert_eq!(observer.finish(), None);
+        }
+
+        let mut huge = ResponseObserver::for_response(&headers(&[]));
+        huge.feed(&vec![b' '; MAX_JSON_BYTES]);
+        huge.feed(MOONSHOT_JSON.as_bytes());
+        assert_eq!(
+            huge.finish(),
+            None,
+            "a body past the copy limit is usage unknown"
+        );
     }
 
     #[test]

@@ -870,7 +870,8 @@ mod tests {
         );
         assert_eq!(
             buffer_limit(&Settings {
-                max_request_body_bytes: u64::MAX
+                max_request_body_bytes: u64::MAX,
+                ..Settings::default()
             }),
             u64::from(u32::MAX)
         );
