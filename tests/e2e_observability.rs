@@ -166,8 +166,16 @@ async fn sse_streams_report_usage_without_being_held() {
     ];
     let counted = prometheus(&s, "llm_prompt_tokens_total");
     assert_eq!(value_for(&counted, &tags), Some(prompt as f64));
-    let ttft = prometheus(&s, "llm_time_to_first_token_ms_count");
-    assert_eq!(value_for(&ttft, &tags), Some(1.0), "{ttft:?}");
+    // Histograms reach the admin output at Envoy's stats flush (every 5 s by default).
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    loop {
+        let ttft = prometheus(&s, "llm_time_to_first_token_ms_count");
+        if value_for(&ttft, &tags) == Some(1.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ttft:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// A client that set `stream_options` itself keeps them as sent.

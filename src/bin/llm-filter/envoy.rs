@@ -30,7 +30,27 @@ const ACCESS_LOG_FORMAT: &str =
     "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% \
 %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms \
 authority=%REQ(:AUTHORITY)% cluster=%UPSTREAM_CLUSTER% upstream=%UPSTREAM_HOST% \
-client=%DOWNSTREAM_REMOTE_ADDRESS%\n";
+client=%DOWNSTREAM_REMOTE_ADDRESS% \
+provider=%FILTER_STATE(wasm.llm.provider:PLAIN)% rule=%FILTER_STATE(wasm.llm.rule:PLAIN)% \
+model=%FILTER_STATE(wasm.llm.model:PLAIN)% \
+response_model=%FILTER_STATE(wasm.llm.response_model:PLAIN)% \
+prompt_tokens=%FILTER_STATE(wasm.llm.prompt_tokens:PLAIN)% \
+completion_tokens=%FILTER_STATE(wasm.llm.completion_tokens:PLAIN)% \
+total_tokens=%FILTER_STATE(wasm.llm.total_tokens:PLAIN)%\n";
+
+/// `stats_config`: Envoy's default tags plus the filter's metric tags
+/// (`llm_filter::metrics::TAG_REGEXES`), so `/stats/prometheus` shows labelled series such as
+/// `llm_prompt_tokens_total{provider,model,rule}`.
+fn stats_config() -> Value {
+    let tags = llm_filter::metrics::TAG_REGEXES
+        .iter()
+        .map(|(tag, regex)| map([("tag_name", (*tag).into()), ("regex", (*regex).into())]))
+        .collect();
+    map([
+        ("use_all_default_tags", true.into()),
+        ("stats_tags", Value::Sequence(tags)),
+    ])
+}
 
 /// The bootstrap as YAML, preceded by a comment naming the command and files it came from.
 /// `files` are the manifest files as given on the command line.
@@ -83,6 +103,7 @@ pub fn render(
 
     let bootstrap = map([
         ("admin", map([("address", socket_address(&options.admin))])),
+        ("stats_config", stats_config()),
         (
             "static_resources",
             map([
@@ -855,7 +876,7 @@ mod tests {
         let doc: Value = serde_yaml::from_str(&yaml).unwrap();
         let text = embedded(&doc);
         assert!(
-            text.ends_with("---\nsettings:\n  maxRequestBodyBytes: 12582912\n"),
+            text.contains("---\nsettings:\n  maxRequestBodyBytes: 12582912\n"),
             "{text}"
         );
         assert_eq!(FilterConfig::parse(&text).unwrap(), config);
