@@ -182,3 +182,10 @@ ensure_oci_tools() {
     ensure_cmd umoci umoci || return 1
     ok "$(skopeo --version), $(umoci --version)"
 }
+
+# ensure_prometheus: Debian's prometheus server. tests/e2e_prometheus.rs runs it against Envoy
+# to check every query of envoy/dashboards/llm-filter.json (the tests never skip without it).
+ensure_prometheus() {
+    ensure_cmd prometheus prometheus || return 1
+    ok "$(prometheus --version 2>&1 | head -n 1)"
+}

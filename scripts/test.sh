@@ -5,7 +5,7 @@
 #   generated configs being current (render-configs.sh --check), `envoy --mode validate` on
 #   every envoy/*.yaml, and the end-to-end suite (tests/*.rs) against real Envoy.
 # Installs what is missing first (toolchain targets, Envoy, wasm-bindgen-cli, skopeo and umoci
-# for tests/oci.rs): see lib.sh.
+# for tests/oci.rs, prometheus for tests/e2e_prometheus.rs): see lib.sh.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -81,6 +81,7 @@ ensure_toolchain
 ensure_envoy
 ensure_cmd node nodejs
 ensure_oci_tools
+ensure_prometheus
 
 step "cargo fmt --check" cargo fmt --all --check
 step "clippy (host, all targets)" cargo clippy --all-targets -- -D warnings
