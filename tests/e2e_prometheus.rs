@@ -400,7 +400,7 @@ impl Traffic {
 // ---------------------------------------------------------------------------------------------
 // The dashboard's queries
 
-/// `{{provider}}`-style label maps as Prometheus returns them: an empty label is no label.
+/// A series' labels as Prometheus returns them: an empty label is no label at all.
 type Labels = BTreeMap<String, String>;
 
 fn labels_of(key: &Series, seen: &Seen, by: &[String]) -> Vec<Labels> {
