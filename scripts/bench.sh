@@ -16,6 +16,7 @@
 #     p50/p99 latency at 1 connection (wrk -t1 -c1 --latency);
 #   - streaming: time from sending the request to the first SSE event (own client, new
 #     connection per request, connect not timed), median over runs;
+#   - Envoy CPU time per request during the throughput runs (/proc/PID/stat);
 #   - Envoy RSS (/proc) and heap (admin /memory) before and after 100k 1 KB requests;
 #   - the size of the release .wasm.
 # --peers adds LiteLLM (pip, its own venv in .work/bench/litellm-venv, 1 worker, same nginx,
@@ -465,16 +466,28 @@ done
 ok "filter rewrites path, model, key; plain Envoy passes the request as sent; every size answers"
 
 # ---------------------------------------------------------------------------- measure
-# wrk_run KIND SIZE TARGET ROUND PORT CONNECTIONS [SECONDS]: one wrk run, one raw line.
+# cpu_ticks TARGET: user+system CPU time of that Envoy so far, in clock ticks (0 for others).
+CLK_TCK="$(getconf CLK_TCK)"
+cpu_ticks() {
+    local pid
+    case "$1" in plain) pid=$PLAIN_PID ;; filter) pid=$FILTER_PID ;; *) echo 0 && return ;; esac
+    # Fields 14 and 15 of /proc/PID/stat, counted after the ")" that ends the command name.
+    sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}'
+}
+# wrk_run KIND SIZE TARGET ROUND PORT CONNECTIONS [SECONDS]: one wrk run, one raw line (with
+# the Envoy's CPU ticks spent during the run).
 wrk_run() {
-    local kind=$1 size=$2 target=$3 round=$4 port=$5 conns=$6 secs=${7:-$DURATION} out
+    local kind=$1 size=$2 target=$3 round=$4 port=$5 conns=$6 secs=${7:-$DURATION} out t0
+    t0="$(cpu_ticks "$target")"
     out="$("${LOAD_CPU[@]}" wrk -t1 -c"$conns" -d"${secs}s" --timeout 30s --latency \
         -s "$RUN/post.lua" "http://127.0.0.1:$port/v1/chat/completions" \
         -- "$RUN/body-$size.json" "$LLM_HOST" "$CLIENT_KEY" 2>&1)" || die "wrk failed: $out"
     out="$(sed -n 's/^WRK_JSON //p' <<<"$out")"
     [ -n "$out" ] || die "wrk printed no result for $kind $size $target"
-    printf '{"kind":"%s","size":"%s","target":"%s","round":%s,"wrk":%s}\n' \
-        "$kind" "$size" "$target" "$round" "$out" >>"$RAW"
+    printf '{"kind":"%s","size":"%s","target":"%s","round":%s,"cpu_s":%s,"wrk":%s}\n' \
+        "$kind" "$size" "$target" "$round" \
+        "$(awk -v a="$t0" -v b="$(cpu_ticks "$target")" -v hz="$CLK_TCK" 'BEGIN { print (b - a) / hz }')" \
+        "$out" >>"$RAW"
 }
 port_of() {
     case "$1" in plain) echo "$PLAIN_PORT" ;; filter) echo "$FILTER_PORT" ;; litellm) echo "$LITELLM_PORT" ;; esac
@@ -601,6 +614,17 @@ for size, tput_budget in (("1KB", 0.85), ("64KB", 0.70), ("1MB", None)):
     case(f"{size} throughput, 32 conn", "req/s", tp,
          f"≥ {tput_budget:.2f} × plain" if tput_budget else "",
          (lambda c, b=tput_budget: None if b is None else c["ratio"] >= b), True)
+    # Envoy CPU per request, from the same throughput runs: the cost with noise mostly removed.
+    cpu = {t: {r["round"]: r["cpu_s"] * 1e6 / r["wrk"]["requests"] for r in rows
+               if r["kind"] == "throughput" and r["size"] == size and r["target"] == t
+               and r["wrk"]["requests"]}
+           for t in ("plain", "filter")}
+    case(f"{size} Envoy CPU per request", "µs", cpu, "", lambda c: None, False)
+    # How busy the Envoy's core was: near 1.0 means Envoy, not the load side, was the limit.
+    cases[-1]["core_busy"] = {
+        t: med([r["cpu_s"] / (r["wrk"]["duration_us"] / 1e6) for r in rows
+                if r["kind"] == "throughput" and r["size"] == size and r["target"] == t])
+        for t in ("plain", "filter")}
     lat = {t: wrk("latency", size, t) for t in ("plain", "filter", "litellm")}
     p50_budget = {"1KB": 40, "1MB": 2000}.get(size)
     case(f"{size} p50, 1 conn", "µs", {t: {r: w["p50_us"] for r, w in v.items()} for t, v in lat.items()},
@@ -645,8 +669,10 @@ for c in cases:
     if c["unit"] == "req/s":
         ratio = f"×{c['ratio']:.2f} ({rounds_text(c['ratios'], lambda v: f'{v:.2f}')})"
     else:
-        ratio = (f"{c['added']:+.0f} µs, ×{c['ratio']:.2f} "
-                 f"({rounds_text(c['added_per_round'], lambda v: f'{v:+.0f}')})")
+        def plus(v):
+            return f"{v / 1000:+.2f} ms" if abs(v) >= 10000 else f"{v:+.0f} µs"
+        ratio = (f"{plus(c['added'])}, ×{c['ratio']:.2f} "
+                 f"({rounds_text(c['added_per_round'], lambda v: plus(v).split(' ')[0])})")
     cells = [c["case"], num(c["plain"], c["unit"]), num(c["filter"], c["unit"]), ratio, c["budget"], c["verdict"]]
     if peers:
         cells.insert(3, num(c.get("litellm"), c["unit"]))
