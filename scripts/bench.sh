@@ -25,6 +25,8 @@
 # Flags: --quick (1 round of 1 s, 5 streaming runs, 5k requests for memory: for development),
 # --rounds N (default 5), --duration S (seconds per wrk run, default 5), --peers.
 # Output: one Markdown table on stdout and .work/bench/results.json; logs in .work/bench/run/.
+# Environment: BENCH_WASM=path measures that .wasm instead of building this tree's (to compare
+# a variant), BENCH_RESULTS=path writes the JSON there instead.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -50,7 +52,7 @@ done
 BENCH_DIR="$WORK_DIR/bench"
 RUN="$BENCH_DIR/run"
 RAW="$RUN/raw.jsonl"
-RESULTS_JSON="$BENCH_DIR/results.json"
+RESULTS_JSON="${BENCH_RESULTS:-$BENCH_DIR/results.json}"
 ECHO_MODULE=/usr/lib/nginx/modules/ngx_http_echo_module.so
 LLM_HOST=llm.bench.local       # the chat provider: path, model, stream false, apiKey
 STREAM_HOST=stream.bench.local # the streaming provider: path, model, stream true, apiKey
@@ -69,8 +71,15 @@ ensure_cmd taskset util-linux
 ensure_cmd curl curl
 ensure_toolchain
 ensure_envoy
-build_wasm
-WASM="$REPO_ROOT/$WASM_OUT"
+if [ -n "${BENCH_WASM:-}" ]; then
+    # A candidate build to compare (e.g. a variant of the filter): measured instead of ours.
+    [ -f "$BENCH_WASM" ] || die "BENCH_WASM=$BENCH_WASM is not a file"
+    WASM="$(cd "$(dirname "$BENCH_WASM")" && pwd)/$(basename "$BENCH_WASM")"
+    warn "measuring BENCH_WASM=$WASM, not this tree's build"
+else
+    build_wasm
+    WASM="$REPO_ROOT/$WASM_OUT"
+fi
 ok "$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2), $(nginx -v 2>&1 | sed 's/.*: //')"
 
 LITELLM=""
@@ -450,10 +459,12 @@ post() { # PORT HOST BODY-FILE
         -H "Authorization: Bearer $CLIENT_KEY" \
         --data-binary "@$3" "http://127.0.0.1:$1/v1/chat/completions"
 }
+# A BENCH_WASM variant may rewrite less on purpose: then a missing rewrite is only a warning.
+check_failed() { if [ -n "${BENCH_WASM:-}" ]; then warn "$*"; else die "$*"; fi; }
 seen="$(post "$FILTER_PORT" "$VERIFY_HOST" "$RUN/body-1KB.json")"
 grep -q '^POST /verified/chat/completions authorization=Bearer sk-bench-verify$' <<<"$seen" ||
-    die "filter Envoy did not rewrite path and key; nginx saw: $(head -1 <<<"$seen")"
-grep -q '"model":"bench-model"' <<<"$seen" || die "filter Envoy did not rewrite the model"
+    check_failed "filter Envoy did not rewrite path and key; nginx saw: $(head -1 <<<"$seen")"
+grep -q '"model":"bench-model"' <<<"$seen" || check_failed "filter Envoy did not rewrite the model"
 seen="$(post "$PLAIN_PORT" "$VERIFY_HOST" "$RUN/body-1KB.json")"
 grep -q "^POST /v1/chat/completions authorization=Bearer $CLIENT_KEY\$" <<<"$seen" || die "plain Envoy rewrote: $seen"
 grep -q '"model":"gpt-4o-mini"' <<<"$seen" || die "plain Envoy changed the body"
@@ -573,7 +584,7 @@ meta = {
     "envoy": "$ENVOY_VERSION_STRING", "rounds": $ROUNDS, "duration_s": $DURATION,
     "streaming_runs": $TTFE_RUNS, "memory_requests": $MEM_REQUESTS, "cores": "$CORES_NOTE",
     "upstream": "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (echo module for the stream), plain HTTP",
-    "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
+    "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
     "litellm": "$LITELLM_VERSION", "litellm_note": "$LITELLM_NOTE",
 }
 med = statistics.median
