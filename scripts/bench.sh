@@ -23,7 +23,8 @@
 # its master key checked) for the 1 KB and streaming cases.
 #
 # Flags: --quick (1 round of 1 s, 5 streaming runs, 5k requests for memory: for development),
-# --rounds N (default 5), --duration S (seconds per wrk run, default 5), --peers.
+# --rounds N (default 5), --duration S (seconds per wrk run, default 5), --peers, --sizes LIST
+# (some of 1KB,64KB,1MB; default all).
 # Output: one Markdown table on stdout and .work/bench/results.json; logs in .work/bench/run/.
 # Environment: BENCH_WASM=path measures that .wasm instead of building this tree's (to compare
 # a variant), BENCH_RESULTS=path writes the JSON there instead.
@@ -35,12 +36,14 @@ DURATION=5
 TTFE_RUNS=31
 MEM_REQUESTS=100000
 PEERS=0
+SIZES=(1KB 64KB 1MB)
 while [ $# -gt 0 ]; do
     case "$1" in
     --quick) ROUNDS=1 DURATION=1 TTFE_RUNS=5 MEM_REQUESTS=5000 ;;
     --rounds) ROUNDS="${2:?--rounds needs a number}" && shift ;;
     --duration) DURATION="${2:?--duration needs seconds}" && shift ;;
     --peers) PEERS=1 ;;
+    --sizes) IFS=, read -r -a SIZES <<<"${2:?--sizes needs a list such as 1KB,64KB}" && shift ;;
     -h | --help) sed -n '2,/^# shellcheck/p' "$0" | sed '$d; s/^# \{0,1\}//' && exit 0 ;;
     *) die "unknown flag $1 (see --help)" ;;
     esac
@@ -48,6 +51,9 @@ while [ $# -gt 0 ]; do
 done
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "--rounds wants a positive integer, got $ROUNDS"
 [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || die "--duration wants whole seconds, got $DURATION"
+for size in "${SIZES[@]}"; do
+    case "$size" in 1KB | 64KB | 1MB) ;; *) die "--sizes: $size is not one of 1KB, 64KB, 1MB" ;; esac
+done
 
 BENCH_DIR="$WORK_DIR/bench"
 RUN="$BENCH_DIR/run"
@@ -57,7 +63,6 @@ ECHO_MODULE=/usr/lib/nginx/modules/ngx_http_echo_module.so
 LLM_HOST=llm.bench.local       # the chat provider: path, model, stream false, apiKey
 STREAM_HOST=stream.bench.local # the streaming provider: path, model, stream true, apiKey
 VERIFY_HOST=verify.bench.local # nginx echoes what it got: proves the rewrite happened
-SIZES=(1KB 64KB 1MB)
 # Every client request carries this key, as SDKs do: the filter replaces it with the
 # provider's, plain Envoy passes it on, LiteLLM checks it (its master key).
 CLIENT_KEY=sk-bench-client-key
@@ -620,6 +625,8 @@ def case(name, unit, per_round, budget, check, better):
     cases.append(c)
 
 for size, tput_budget in (("1KB", 0.85), ("64KB", 0.70), ("1MB", None)):
+    if size not in "${SIZES[*]}".split():
+        continue
     tp = {t: {r: rps(w) for r, w in wrk("throughput", size, t).items()}
           for t in ("plain", "filter", "litellm")}
     case(f"{size} throughput, 32 conn", "req/s", tp,
