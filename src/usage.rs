@@ -198,12 +198,7 @@ pub enum ResponseObserver {
 impl ResponseObserver {
     /// Chooses how to read a response from its headers.
     pub fn for_response(headers: &[(String, Vec<u8>)]) -> ResponseObserver {
-        let value = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_slice())
-        };
+        let value = |name: &str| crate::policy::header(headers, name);
         if value("content-encoding").is_some_and(|e| !e.eq_ignore_ascii_case(b"identity")) {
             return ResponseObserver::Unreadable;
         }
