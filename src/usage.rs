@@ -88,6 +88,10 @@ impl SseReader {
 
     /// Reads the next piece of the stream, wherever it was cut.
     pub fn feed(&mut self, mut chunk: &[u8]) {
+        if chunk.is_empty() {
+            // Nothing to read; above all, a pending `\r` must still pair with the next `\n`.
+            return;
+        }
         if self.after_cr {
             self.after_cr = false;
             if let Some(rest) = chunk.strip_prefix(b"\n") {
@@ -332,6 +336,19 @@ mod tests {
             assert_eq!(report, super::tests::report("m", 1, 2, 3), "cut at {cut}");
             assert_eq!((events, done), (1, true));
         }
+    }
+
+    #[test]
+    fn empty_chunk_between_cr_and_lf_changes_nothing() {
+        // Found by tests/properties.rs: an empty chunk used to forget the pending `\r`, so the
+        // `\n` after it ended the event early.
+        let stream = b"data: {\"model\":\r\ndata: \"two-lines\"}\r\n\r\n";
+        let mut reader = SseReader::new();
+        reader.feed(&stream[..16]);
+        reader.feed(b"");
+        reader.feed(&stream[16..]);
+        assert_eq!(reader.finish().model.as_deref(), Some("two-lines"));
+        assert_eq!(reader.events(), 1);
     }
 
     #[test]
