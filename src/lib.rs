@@ -11,6 +11,7 @@ pub mod matcher;
 pub mod metrics;
 pub mod policy;
 pub mod rewrite;
+pub mod scan;
 pub mod usage;
 
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]

@@ -3,13 +3,10 @@
 //! upstream attempt.
 
 use std::borrow::Cow;
-use std::fmt;
-
-use serde::de::{self, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
 
 use crate::error::RequestError;
 use crate::policy::ProviderCall;
+use crate::scan::{self, Member, Object, ScanError};
 
 /// Rewrites the request headers in place: `:path` (query kept), `:authority`, `authorization`
 /// (when the provider has a key), and drops `content-length` (the body may change size).
@@ -53,57 +50,59 @@ pub struct Rewritten {
 
 /// Checks a chat request body and sets `model` / `stream` as the provider call says; for a
 /// streamed request without `stream_options`, asks for usage in the stream when
-/// `request_stream_usage` is on. Every byte outside the replaced values is kept as sent: only
-/// top-level keys are looked at, nested values are never parsed into a tree.
+/// `request_stream_usage` is on. Every byte outside the replaced values is kept as sent: the
+/// whole body is validated by `scan`, which only notes where the top-level values are.
 pub fn rewrite_body(
     call: &ProviderCall,
     body: &[u8],
     request_stream_usage: bool,
 ) -> Result<Rewritten, RequestError> {
-    let Some(open) = body.iter().position(|b| !b.is_ascii_whitespace()) else {
+    if body.iter().all(u8::is_ascii_whitespace) {
         return Err(RequestError::EmptyBody);
-    };
-    if body[open] != b'{' {
-        return Err(classify_non_object(body));
     }
-    let top = parse_top_level(body)?;
+    let object = scan::top_level_object(body).map_err(|e| match e {
+        ScanError::NotAnObject => RequestError::NotAnObject,
+        ScanError::Invalid => RequestError::InvalidJson,
+    })?;
+    let top = TopLevel::new(body, &object)?;
 
     let messages = top.get("messages").ok_or(RequestError::MissingMessages)?;
-    if !messages.get().starts_with('[') {
+    if !messages.starts_with(b"[") {
         return Err(RequestError::InvalidMessages);
     }
     let model = top.get("model");
-    if model.is_some_and(|m| !m.get().starts_with('"')) {
+    if model.is_some_and(|m| !m.starts_with(b"\"")) {
         return Err(RequestError::InvalidModel);
     }
-    let stream = top.get("stream");
-    if stream.is_some_and(|s| !matches!(s.get(), "true" | "false" | "null")) {
+    let stream = top.get_span("stream");
+    if stream.is_some_and(|s| !matches!(&body[s.0..s.1], b"true" | b"false" | b"null")) {
         return Err(RequestError::InvalidStream);
     }
 
     let mut edits: Vec<Edit<'_>> = Vec::with_capacity(3);
-    let upstream_model = match call.model_json.as_deref() {
+    let upstream_model: &[u8] = match call.model_json.as_deref() {
         Some(wanted) => {
-            plan(&mut edits, body, "model", model, wanted)?;
-            wanted
+            plan(&mut edits, body, "model", top.get_span("model"), wanted);
+            wanted.as_bytes()
         }
-        None => model.map(RawValue::get).unwrap_or(""),
+        None => model.unwrap_or(b""),
     };
     let streaming = match call.stream {
         Some(wanted) => {
             let text = if wanted { "true" } else { "false" };
-            plan(&mut edits, body, "stream", stream, text)?;
+            plan(&mut edits, body, "stream", stream, text);
             wanted
         }
-        None => stream.is_some_and(|s| s.get() == "true"),
+        None => stream.is_some_and(|s| &body[s.0..s.1] == b"true"),
     };
     if streaming && request_stream_usage && top.get("stream_options").is_none() {
-        plan(&mut edits, body, "stream_options", None, STREAM_USAGE)?;
+        plan(&mut edits, body, "stream_options", None, STREAM_USAGE);
     }
-    let body = (!edits.is_empty()).then(|| apply(body, open, top.entries.is_empty(), &mut edits));
+    let new_body = (!edits.is_empty())
+        .then(|| apply(body, object.open, object.members.is_empty(), &mut edits));
     Ok(Rewritten {
-        body,
-        model: serde_json::from_str(upstream_model).ok(),
+        body: new_body,
+        model: serde_json::from_slice(upstream_model).ok(),
         stream: streaming,
     })
 }
@@ -122,28 +121,17 @@ fn plan<'a>(
     edits: &mut Vec<Edit<'a>>,
     body: &[u8],
     key: &'static str,
-    current: Option<&RawValue>,
+    current: Option<(usize, usize)>,
     wanted: &'a str,
-) -> Result<(), RequestError> {
-    let span = match current {
-        Some(raw) if raw.get() == wanted => return Ok(()),
-        Some(raw) => Some(span_of(body, raw.get()).ok_or(RequestError::InvalidJson)?),
-        None => None,
-    };
+) {
+    if current.is_some_and(|(start, end)| &body[start..end] == wanted.as_bytes()) {
+        return;
+    }
     edits.push(Edit {
-        span,
+        span: current,
         key,
         text: wanted,
     });
-    Ok(())
-}
-
-/// Byte range of `part` inside `body`. serde_json borrows raw values from the input, so this
-/// always succeeds; it is checked anyway so that a copy could never make us slice out of bounds.
-fn span_of(body: &[u8], part: &str) -> Option<(usize, usize)> {
-    let start = (part.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
-    let end = start.checked_add(part.len())?;
-    (body.get(start..end)? == part.as_bytes()).then_some((start, end))
 }
 
 fn apply(body: &[u8], open: usize, empty_object: bool, edits: &mut [Edit<'_>]) -> Vec<u8> {
@@ -177,78 +165,53 @@ fn apply(body: &[u8], open: usize, empty_object: bool, edits: &mut [Edit<'_>]) -
     out
 }
 
-/// Error for a body that does not start with `{`: not JSON at all, or JSON of another type.
-fn classify_non_object(body: &[u8]) -> RequestError {
-    match serde_json::from_slice::<de::IgnoredAny>(body) {
-        Ok(_) => RequestError::NotAnObject,
-        Err(_) => RequestError::InvalidJson,
-    }
-}
+/// A byte range of the body.
+type Span = (usize, usize);
 
-/// The top-level entries of a JSON object, values left raw (borrowed from the body).
+/// The top-level members of the body by key text (escapes decoded), duplicates refused.
 struct TopLevel<'a> {
-    entries: Vec<(Cow<'a, str>, &'a RawValue)>,
+    body: &'a [u8],
+    entries: Vec<(Cow<'a, [u8]>, Span)>,
 }
 
 impl<'a> TopLevel<'a> {
-    fn get(&self, key: &str) -> Option<&'a RawValue> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
-    }
-}
-
-fn parse_top_level(body: &[u8]) -> Result<TopLevel<'_>, RequestError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let top = deserializer
-        .deserialize_map(TopLevelVisitor)
-        .map_err(|_| RequestError::InvalidJson)?;
-    deserializer.end().map_err(|_| RequestError::InvalidJson)?;
-    let top = top?;
-    let mut keys: Vec<&str> = top.entries.iter().map(|(k, _)| k.as_ref()).collect();
-    keys.sort_unstable();
-    if keys.windows(2).any(|w| w[0] == w[1]) {
-        return Err(RequestError::DuplicateKey);
-    }
-    Ok(top)
-}
-
-struct TopLevelVisitor;
-
-impl<'de> Visitor<'de> for TopLevelVisitor {
-    type Value = Result<TopLevel<'de>, RequestError>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
-        while let Some(key) = map.next_key::<Key<'de>>()? {
-            let value: &'de RawValue = map.next_value()?;
-            entries.push((key.0, value));
+    fn new(body: &'a [u8], object: &Object) -> Result<TopLevel<'a>, RequestError> {
+        let entries: Vec<(Cow<'a, [u8]>, Span)> = object
+            .members
+            .iter()
+            .map(|m| (key_text(body, m), m.value))
+            .collect();
+        let mut keys: Vec<&[u8]> = entries.iter().map(|(k, _)| k.as_ref()).collect();
+        keys.sort_unstable();
+        if keys.windows(2).any(|w| w[0] == w[1]) {
+            return Err(RequestError::DuplicateKey);
         }
-        Ok(Ok(TopLevel { entries }))
+        Ok(TopLevel { body, entries })
+    }
+
+    fn get_span(&self, key: &str) -> Option<Span> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.as_ref() == key.as_bytes())
+            .map(|(_, span)| *span)
+    }
+
+    fn get(&self, key: &str) -> Option<&'a [u8]> {
+        self.get_span(key)
+            .map(|(start, end)| &self.body[start..end])
     }
 }
 
-/// An object key, borrowed unless it contains escapes.
-struct Key<'a>(Cow<'a, str>);
-
-impl<'de> serde::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string key")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v.to_string())))
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
+/// A key's text: its bytes, or for a key with escapes, the decoded string (kept raw when it
+/// cannot be decoded, e.g. a lone surrogate: then it equals no key the filter looks for).
+fn key_text<'a>(body: &'a [u8], member: &Member) -> Cow<'a, [u8]> {
+    let (start, end) = member.key;
+    if !member.key_escaped {
+        return Cow::Borrowed(&body[start..end]);
+    }
+    match serde_json::from_slice::<String>(&body[start - 1..end + 1]) {
+        Ok(text) => Cow::Owned(text.into_bytes()),
+        Err(_) => Cow::Borrowed(&body[start - 1..end + 1]),
     }
 }
 
