@@ -5,7 +5,7 @@
 //! the headers); an LLM request costs four (read headers, write headers, read body, write body
 //! — the last skipped when the body needs no change).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -52,29 +52,75 @@ impl Default for LlmRoot {
     }
 }
 
-/// Metric ids by series name: each series is defined in Envoy once, on first use.
+/// Metric ids, found per request with one map lookup: each (provider call, model) gets a
+/// `SeriesSet` the first time it is seen, and each series in it is defined in Envoy on first use.
 #[derive(Default)]
 struct Metrics {
-    ids: RefCell<HashMap<String, u32>>,
+    /// By the provider call's address. The entry keeps the call alive, so the address cannot be
+    /// reused by another call (after a configuration change) while the entry exists.
+    by_call: RefCell<HashMap<usize, CallSeries>>,
+    sets: Cell<usize>,
 }
 
-/// Series beyond this count are folded into `model="other"`: a client choosing the model
-/// must not be able to grow Envoy's stats without bound.
-const MAX_SERIES: usize = 2000;
+struct CallSeries {
+    _call: Rc<ProviderCall>,
+    by_model: HashMap<String, Rc<SeriesSet>>,
+}
+
+/// Distinct (provider, model, rule) combinations beyond this count are folded into
+/// `model="other"`: a client choosing the model must not be able to grow Envoy's stats without
+/// bound (each combination has up to 10 series).
+const MAX_SERIES_SETS: usize = 200;
+
+/// The series of one (provider, model, rule): their ids once defined.
+struct SeriesSet {
+    provider: String,
+    model: String,
+    rule: String,
+    ids: RefCell<Vec<(Metric, Option<&'static str>, u32)>>,
+}
 
 impl Metrics {
-    fn id(&self, metric: Metric, upstream: &Upstream, class: Option<&str>) -> Option<u32> {
-        let call = &upstream.call;
-        let mut name = series(metric, &call.provider, &upstream.model, &call.rule, class);
-        if let Some(id) = self.ids.borrow().get(&name) {
+    fn set_for(&self, call: &Rc<ProviderCall>, model: &str) -> Rc<SeriesSet> {
+        let mut by_call = self.by_call.borrow_mut();
+        let entry = by_call
+            .entry(Rc::as_ptr(call) as usize)
+            .or_insert_with(|| CallSeries {
+                _call: Rc::clone(call),
+                by_model: HashMap::new(),
+            });
+        if let Some(set) = entry.by_model.get(model) {
+            return Rc::clone(set);
+        }
+        let model = if self.sets.get() >= MAX_SERIES_SETS {
+            "other"
+        } else {
+            model
+        };
+        let set = entry.by_model.entry(model.to_string()).or_insert_with(|| {
+            self.sets.set(self.sets.get() + 1);
+            Rc::new(SeriesSet {
+                provider: call.provider.clone(),
+                model: model.to_string(),
+                rule: call.rule.clone(),
+                ids: RefCell::new(Vec::with_capacity(6)),
+            })
+        });
+        Rc::clone(set)
+    }
+}
+
+impl SeriesSet {
+    fn id(&self, metric: Metric, class: Option<&'static str>) -> Option<u32> {
+        if let Some((_, _, id)) = self
+            .ids
+            .borrow()
+            .iter()
+            .find(|(m, c, _)| *m == metric && *c == class)
+        {
             return Some(*id);
         }
-        if self.ids.borrow().len() >= MAX_SERIES {
-            name = series(metric, &call.provider, "other", &call.rule, class);
-            if let Some(id) = self.ids.borrow().get(&name) {
-                return Some(*id);
-            }
-        }
+        let name = series(metric, &self.provider, &self.model, &self.rule, class);
         let kind = if metric.is_histogram() {
             MetricType::Histogram
         } else {
@@ -82,7 +128,7 @@ impl Metrics {
         };
         match hostcalls::define_metric(kind, &name) {
             Ok(id) => {
-                self.ids.borrow_mut().insert(name, id);
+                self.ids.borrow_mut().push((metric, class, id));
                 Some(id)
             }
             Err(status) => {
@@ -92,8 +138,8 @@ impl Metrics {
         }
     }
 
-    fn add(&self, metric: Metric, upstream: &Upstream, class: Option<&str>, value: u64) {
-        let Some(id) = self.id(metric, upstream, class) else {
+    fn add(&self, metric: Metric, class: Option<&'static str>, value: u64) {
+        let Some(id) = self.id(metric, class) else {
             return;
         };
         let result = if metric.is_histogram() {
@@ -204,14 +250,26 @@ struct Upstream {
     class: &'static str,
     observer: Option<ResponseObserver>,
     first_event_seen: bool,
+    /// This request's metric series, looked up on first use.
+    series: Option<Rc<SeriesSet>>,
 }
 
 impl Upstream {
+    fn series(&mut self, metrics: &Metrics) -> Rc<SeriesSet> {
+        let call = &self.call;
+        let model = &self.model;
+        Rc::clone(
+            self.series
+                .get_or_insert_with(|| metrics.set_for(call, model)),
+        )
+    }
+
     /// The answer is over (or the stream was cut): record what it reported.
     fn complete(&mut self, metrics: &Metrics) {
-        metrics.add(Metric::Requests, self, Some(self.class), 1);
+        let series = self.series(metrics);
+        series.add(Metric::Requests, Some(self.class), 1);
         if let Some(ms) = millis_since(self.sent_at) {
-            metrics.add(Metric::UpstreamLatency, self, None, ms);
+            series.add(Metric::UpstreamLatency, None, ms);
         }
         let report = self.observer.as_mut().and_then(ResponseObserver::finish);
         if let Some(report) = &report {
@@ -224,11 +282,11 @@ impl Upstream {
                     (Metric::CompletionTokens, report.completion_tokens),
                 ] {
                     if let Some(value) = value {
-                        metrics.add(metric, self, None, value);
+                        series.add(metric, None, value);
                     }
                 }
             }
-            _ => metrics.add(Metric::UsageUnknown, self, None, 1),
+            _ => series.add(Metric::UsageUnknown, None, 1),
         }
     }
 
@@ -238,7 +296,7 @@ impl Upstream {
         if !self.first_event_seen && seen > 0 {
             self.first_event_seen = true;
             if let Some(ms) = millis_since(self.sent_at) {
-                metrics.add(Metric::TimeToFirstToken, self, None, ms);
+                self.series(metrics).add(Metric::TimeToFirstToken, None, ms);
             }
         }
     }
@@ -325,7 +383,9 @@ impl LlmHttp {
             }
         }
         set_filter_state("llm.provider", call.provider.as_bytes());
-        set_filter_state("llm.rule", call.rule.as_bytes());
+        if !call.rule.is_empty() {
+            set_filter_state("llm.rule", call.rule.as_bytes());
+        }
         if let Some(model) = &rewritten.model {
             set_filter_state("llm.model", model.as_bytes());
         }
@@ -336,6 +396,7 @@ impl LlmHttp {
             class: "unknown",
             observer: None,
             first_event_seen: false,
+            series: None,
         }));
         Action::Continue
     }

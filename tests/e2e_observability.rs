@@ -153,7 +153,7 @@ async fn sse_streams_report_usage_without_being_held() {
     assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
 
     let fields = access_log_fields(&s, 1);
-    assert_eq!(fields["rule"], "");
+    assert_eq!(fields["rule"], "-", "no rule: not set, Envoy prints -");
     assert_eq!(fields["model"], "qwen1.5-72b-chat");
     assert_eq!(fields["prompt_tokens"], prompt.to_string());
     assert_eq!(fields["completion_tokens"], completion.to_string());
