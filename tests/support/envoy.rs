@@ -108,6 +108,25 @@ fn dechunk(mut rest: &str) -> String {
     out
 }
 
+/// What Envoy logs when the filter traps (a Rust panic is an `unreachable` trap in wasm), its
+/// VM fails, or a fail-closed plugin refuses traffic. A healthy run logs none of them.
+pub const WASM_FAILURES: &[&str] = &[
+    "llm-filter: panic",
+    "panicked at",
+    "Function: proxy_on_",
+    "Uncaught RuntimeError",
+    "in-VM backtrace",
+    "wasm_fail_stream",
+    "Plugin configured to fail closed",
+];
+
+/// The lines of `log` that show a wasm failure (see [`WASM_FAILURES`]).
+pub fn wasm_failure_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| WASM_FAILURES.iter().any(|n| l.contains(n)))
+        .collect()
+}
+
 /// A running Envoy.
 pub struct Envoy {
     child: Child,
@@ -190,6 +209,16 @@ impl Envoy {
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Envoy's process id (for its memory in `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The directory holding this Envoy's config and log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Whether the Envoy process is still running.

@@ -18,7 +18,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -213,6 +213,8 @@ struct State {
     requests: Mutex<Vec<Recorded>>,
     next_id: AtomicUsize,
     observer: Mutex<Option<Observer>>,
+    /// Keep each request for [`MockServer::requests`] (off for long runs: bodies add up).
+    record: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -263,6 +265,7 @@ impl MockServer {
             requests: Mutex::new(Vec::new()),
             next_id: AtomicUsize::new(0),
             observer: Mutex::new(None),
+            record: AtomicBool::new(true),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -320,6 +323,18 @@ impl MockServer {
 
     pub fn clear(&self) {
         lock(&self.state.requests).clear();
+    }
+
+    /// Whether requests are kept for [`requests`](Self::requests) (on by default). A soak
+    /// run turns it off so the mock's memory does not grow with every body it receives;
+    /// [`received`](Self::received) still counts them and the observer still sees them.
+    pub fn set_recording(&self, on: bool) {
+        self.state.record.store(on, Ordering::SeqCst);
+    }
+
+    /// How many requests arrived (headers at least), recorded or not.
+    pub fn received(&self) -> usize {
+        self.state.next_id.load(Ordering::SeqCst)
     }
 }
 
@@ -474,10 +489,13 @@ async fn handle(
         arrived,
         complete: false,
     };
-    let index = {
+    let recording = state.record.load(Ordering::SeqCst);
+    let index = if recording {
         let mut reqs = lock(&state.requests);
         reqs.push(rec.clone());
-        reqs.len() - 1
+        Some(reqs.len() - 1)
+    } else {
+        None
     };
     let Ok(collected) = body.collect().await else {
         // The client reset the request before its end: stays recorded as incomplete.
@@ -485,7 +503,7 @@ async fn handle(
     };
     rec.body = collected.to_bytes().to_vec();
     rec.complete = true;
-    {
+    if let Some(index) = index {
         let mut reqs = lock(&state.requests);
         if let Some(slot) = reqs.get_mut(index) {
             *slot = rec.clone();

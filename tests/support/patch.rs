@@ -300,3 +300,38 @@ pub fn remove_wasm_filter(doc: &mut Value) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Sets `timeout` (an Envoy duration such as `"1s"`) on every route that forwards to a
+/// cluster, in every HTTP connection manager's inline `route_config`; returns how many
+/// routes changed. The fault tests use it to make Envoy's 504 come in test time.
+pub fn set_route_timeout(doc: &mut Value, timeout: &str) -> Result<usize, String> {
+    let sr = field(doc, "static_resources", "bootstrap")?;
+    let listeners = seq(sr, "listeners", "static_resources")?;
+    let mut changed = 0;
+    for l in listeners.iter_mut() {
+        let chains = l.get_mut("filter_chains").and_then(Value::as_sequence_mut);
+        for chain in chains.into_iter().flatten() {
+            let filters = chain.get_mut("filters").and_then(Value::as_sequence_mut);
+            for f in filters.into_iter().flatten() {
+                let vhosts = f
+                    .get_mut("typed_config")
+                    .and_then(|t| t.get_mut("route_config"))
+                    .and_then(|r| r.get_mut("virtual_hosts"))
+                    .and_then(Value::as_sequence_mut);
+                for vh in vhosts.into_iter().flatten() {
+                    let routes = vh.get_mut("routes").and_then(Value::as_sequence_mut);
+                    for r in routes.into_iter().flatten() {
+                        if let Some(action) = r.get_mut("route").and_then(Value::as_mapping_mut) {
+                            action.insert("timeout".into(), timeout.into());
+                            changed += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if changed == 0 {
+        return Err("no route with a `route` action to set a timeout on".into());
+    }
+    Ok(changed)
+}
