@@ -109,6 +109,16 @@ pub struct OpenAIConfig {
     pub stream: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
+    /// The name of an environment variable of the proxy's Wasm VM holding the key (Envoy
+    /// `vm_config.environment_variables`, Istio `vmConfig.env`), instead of `apiKey` inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_from_env: Option<String>,
+    /// A file Envoy reads the key from (e.g. a mounted Kubernetes Secret): `llm-filter render
+    /// envoy` gives the provider's cluster Envoy's `credential_injector`, which adds
+    /// `authorization: Bearer <file>` to each upstream request. The key never enters the
+    /// filter, the plugin configuration or Envoy's logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<String>,
 }
 
 /// Keys never reach a log line, not even through `{:?}`.
@@ -118,6 +128,8 @@ impl fmt::Debug for OpenAIConfig {
             .field("model", &self.model)
             .field("stream", &self.stream)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_key_from_env", &self.api_key_from_env)
+            .field("api_key_file", &self.api_key_file)
             .finish()
     }
 }
@@ -288,6 +300,100 @@ impl FilterConfig {
         })
     }
 
+    /// Every `openAIConfig` with the path of its field in the provider's spec.
+    fn openai_configs_mut(
+        provider: &mut ProviderManifest,
+    ) -> impl Iterator<Item = (String, &mut OpenAIConfig)> {
+        let configs = &mut provider.spec.configs;
+        configs
+            .default_config
+            .iter_mut()
+            .map(|c| ("configs.defaultConfig".to_string(), c))
+            .chain(
+                configs
+                    .route_specific_configs
+                    .iter_mut()
+                    .map(|(name, c)| (format!("configs.routeSpecificConfigs.{name}"), c)),
+            )
+            .filter_map(|(field, c)| {
+                Some((format!("{field}.openAIConfig"), c.openai_config.as_mut()?))
+            })
+    }
+
+    /// Moves the value of each `apiKeyFromEnv` variable into `apiKey`, as the filter does when
+    /// it loads its configuration (`lookup` is its Wasm VM's environment). A variable that is
+    /// not set, or a config with both fields, is an error naming the field, never a value.
+    pub fn resolve_env_api_keys(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), crate::error::ConfigErrors> {
+        let mut errors = Vec::new();
+        for provider in &mut self.providers {
+            let resource = provider.resource_name();
+            for (field, config) in FilterConfig::openai_configs_mut(provider) {
+                let Some(name) = config.api_key_from_env.take() else {
+                    continue;
+                };
+                if let Err(message) = check_api_key_source(config.api_key.as_deref(), &name) {
+                    errors.push(ConfigError::new(
+                        &resource,
+                        format!("{field}.apiKeyFromEnv"),
+                        message,
+                    ));
+                    continue;
+                }
+                match lookup(&name).filter(|v| !v.is_empty()) {
+                    Some(value) => config.api_key = Some(value),
+                    None => errors.push(ConfigError::new(
+                        &resource,
+                        format!("{field}.apiKeyFromEnv"),
+                        format!(
+                            "environment variable {name:?} is not set in the proxy's Wasm VM \
+                             (Envoy: vm_config.environment_variables; Istio: WasmPlugin vmConfig.env)"
+                        ),
+                    )),
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::error::ConfigErrors(errors))
+        }
+    }
+
+    /// The `apiKeyFile` of a provider (every config of a provider that uses one names the same
+    /// file; `Policy::compile` refuses anything else).
+    pub fn api_key_file(provider: &ProviderManifest) -> Option<&str> {
+        let configs = &provider.spec.configs;
+        configs
+            .default_config
+            .iter()
+            .chain(configs.route_specific_configs.values())
+            .find_map(|c| c.openai_config.as_ref()?.api_key_file.as_deref())
+    }
+
+    /// The environment variables the `apiKeyFromEnv` fields name, sorted, without repeats: what
+    /// the proxy must pass to the Wasm VM.
+    pub fn api_key_env_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .providers
+            .iter()
+            .flat_map(|p| {
+                let configs = &p.spec.configs;
+                configs
+                    .default_config
+                    .iter()
+                    .chain(configs.route_specific_configs.values())
+                    .filter_map(|c| c.openai_config.as_ref()?.api_key_from_env.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Replaces every `${NAME}` in an `apiKey` with `lookup(NAME)`; a name `lookup` does not
     /// know is an error naming it (and the field), never its value.
     pub fn substitute_api_keys(
@@ -297,30 +403,15 @@ impl FilterConfig {
         let mut errors = Vec::new();
         for provider in &mut self.providers {
             let resource = provider.resource_name();
-            let configs = &mut provider.spec.configs;
-            let entries = configs
-                .default_config
-                .iter_mut()
-                .map(|c| ("configs.defaultConfig".to_string(), c))
-                .chain(
-                    configs
-                        .route_specific_configs
-                        .iter_mut()
-                        .map(|(name, c)| (format!("configs.routeSpecificConfigs.{name}"), c)),
-                );
-            for (field, config) in entries {
-                let Some(key) = config
-                    .openai_config
-                    .as_mut()
-                    .and_then(|o| o.api_key.as_mut())
-                else {
+            for (field, config) in FilterConfig::openai_configs_mut(provider) {
+                let Some(key) = config.api_key.as_mut() else {
                     continue;
                 };
                 match expand(key, &lookup) {
                     Ok(expanded) => *key = expanded,
                     Err(name) => errors.push(ConfigError::new(
                         &resource,
-                        format!("{field}.openAIConfig.apiKey"),
+                        format!("{field}.apiKey"),
                         format!("environment variable {name:?} is not set"),
                     )),
                 }
@@ -386,6 +477,23 @@ fn expand(text: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Checks an `apiKeyFromEnv` name (and that `apiKey` is not set beside it).
+pub fn check_api_key_source(api_key: Option<&str>, env_name: &str) -> Result<(), String> {
+    let valid = env_name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && env_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!(
+            "{env_name:?} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
+        ));
+    }
+    if api_key.is_some() {
+        return Err("set either apiKey or apiKeyFromEnv, not both".to_string());
+    }
+    Ok(())
 }
 
 /// `Kind namespace/name` of a manifest not yet deserialized.

@@ -7,7 +7,9 @@ use std::fmt;
 use std::rc::Rc;
 
 use crate::balancer::{RandomSource, WeightedChoice};
-use crate::config::{FilterConfig, OpenAIConfig, ProviderManifest, RouteManifest, RuleConfig};
+use crate::config::{
+    check_api_key_source, FilterConfig, OpenAIConfig, ProviderManifest, RouteManifest, RuleConfig,
+};
 use crate::error::{ConfigError, ConfigErrors, RequestError};
 use crate::matcher::{HeaderConditions, StringMatch};
 
@@ -97,9 +99,20 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Parses and compiles a plugin configuration.
+    /// Parses and compiles a plugin configuration, taking `apiKeyFromEnv` keys from this
+    /// process's environment (inside Envoy: the Wasm VM's, through WASI).
     pub fn from_text(text: &str) -> Result<Policy, ConfigErrors> {
-        Policy::compile(&FilterConfig::parse(text)?)
+        Policy::from_text_with_env(text, |name| std::env::var(name).ok())
+    }
+
+    /// `from_text` with the environment given.
+    pub fn from_text_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Policy, ConfigErrors> {
+        let mut config = FilterConfig::parse(text)?;
+        config.resolve_env_api_keys(env)?;
+        Policy::compile(&config)
     }
 
     /// Validates and compiles a configuration, reporting every resource that is wrong (the
@@ -345,17 +358,33 @@ fn check_provider(provider: &ProviderManifest, resource: &str) -> Result<(), Con
         ));
     }
     let configs = &provider.spec.configs;
-    if let Some(openai) = configs
+    let openai_configs = configs
         .default_config
-        .as_ref()
-        .and_then(|c| c.openai_config.as_ref())
-    {
-        check_openai_config(resource, "configs.defaultConfig.openAIConfig", openai)?;
-    }
-    for (name, config) in &configs.route_specific_configs {
-        if let Some(openai) = &config.openai_config {
-            let field = format!("configs.routeSpecificConfigs.{name}.openAIConfig");
+        .iter()
+        .map(|c| ("configs.defaultConfig.openAIConfig".to_string(), c))
+        .chain(configs.route_specific_configs.iter().map(|(name, c)| {
+            (
+                format!("configs.routeSpecificConfigs.{name}.openAIConfig"),
+                c,
+            )
+        }));
+    let key_file = FilterConfig::api_key_file(provider);
+    for (field, config) in openai_configs {
+        let openai = config.openai_config.as_ref();
+        if let Some(openai) = openai {
             check_openai_config(resource, &field, openai)?;
+        }
+        // Envoy injects a key file per cluster: one file for the whole provider.
+        if key_file.is_some() && openai.and_then(|o| o.api_key_file.as_deref()) != key_file {
+            return Err(ConfigError::new(
+                resource,
+                format!("{field}.apiKeyFile"),
+                format!(
+                    "must be {:?} as in the provider's other configs: Envoy injects the key \
+                     file per provider cluster",
+                    key_file.unwrap_or_default()
+                ),
+            ));
         }
     }
     Ok(())
@@ -519,6 +548,26 @@ fn check_openai_config(
             format!("{field}.model"),
             "must not be empty",
         ));
+    }
+    if let Some(path) = &config.api_key_file {
+        if !path.starts_with('/') {
+            return Err(ConfigError::new(
+                resource,
+                format!("{field}.apiKeyFile"),
+                format!("{path:?} must be an absolute path"),
+            ));
+        }
+        if config.api_key.is_some() || config.api_key_from_env.is_some() {
+            return Err(ConfigError::new(
+                resource,
+                format!("{field}.apiKeyFile"),
+                "set one of apiKey, apiKeyFromEnv and apiKeyFile",
+            ));
+        }
+    }
+    if let Some(name) = &config.api_key_from_env {
+        check_api_key_source(config.api_key.as_deref(), name)
+            .map_err(|m| ConfigError::new(resource, format!("{field}.apiKeyFromEnv"), m))?;
     }
     if let Some(key) = &config.api_key {
         if key.is_empty() {
@@ -817,6 +866,34 @@ spec:
     }
 
     #[test]
+    fn api_key_from_the_vm_environment() {
+        let text = PROVIDER.replace(
+            "spec: {",
+            "spec: {configs: {defaultConfig: {openAIConfig: {apiKeyFromEnv: P_KEY}}}, ",
+        );
+        let env = |name: &str| (name == "P_KEY").then(|| "sk-from-env".to_string());
+        let policy = Policy::from_text_with_env(&text, env).unwrap();
+        let headers = vec![(":authority".to_string(), b"p.example".to_vec())];
+        let Decision::Forward(call) = policy.decide(&headers, &mut SplitMix64::new(1)) else {
+            panic!("expected a provider call");
+        };
+        assert_eq!(call.authorization.as_deref(), Some("Bearer sk-from-env"));
+
+        let empty = |_: &str| Some(String::new());
+        let errors = Policy::from_text_with_env(&text, empty).unwrap_err();
+        assert!(
+            errors.to_string().contains("\"P_KEY\" is not set"),
+            "{errors}"
+        );
+        assert!(!errors.to_string().contains("sk-"), "{errors}");
+
+        // Render-time tools see the name, not a value.
+        let config = FilterConfig::parse(&text).unwrap();
+        assert_eq!(config.api_key_env_names(), vec!["P_KEY".to_string()]);
+        assert!(Policy::compile(&config).is_ok());
+    }
+
+    #[test]
     fn config_errors_name_resource_and_field() {
         let cases: Vec<(String, &str)> = vec![
             (
@@ -882,6 +959,26 @@ spec:
             (
                 PROVIDER.replace("spec: {", "spec: {configs: {defaultConfig: {openAIConfig: {apiKey: \"a\\nb\"}}}, "),
                 "LLMProvider default/p: configs.defaultConfig.openAIConfig.apiKey: must be printable",
+            ),
+            (
+                PROVIDER.replace("spec: {", "spec: {configs: {defaultConfig: {openAIConfig: {apiKeyFromEnv: 'A-B'}}}, "),
+                "LLMProvider default/p: configs.defaultConfig.openAIConfig.apiKeyFromEnv: \"A-B\" is not an environment variable name",
+            ),
+            (
+                PROVIDER.replace("spec: {", "spec: {configs: {defaultConfig: {openAIConfig: {apiKey: k, apiKeyFromEnv: K}}}, "),
+                "LLMProvider default/p: configs.defaultConfig.openAIConfig.apiKeyFromEnv: set either apiKey or apiKeyFromEnv, not both",
+            ),
+            (
+                PROVIDER.replace("spec: {", "spec: {configs: {defaultConfig: {openAIConfig: {apiKeyFromEnv: LLM_FILTER_TEST_UNSET_KEY}}}, "),
+                "LLMProvider default/p: configs.defaultConfig.openAIConfig.apiKeyFromEnv: environment variable \"LLM_FILTER_TEST_UNSET_KEY\" is not set in the proxy's Wasm VM",
+            ),
+            (
+                PROVIDER.replace("spec: {", "spec: {configs: {defaultConfig: {openAIConfig: {apiKeyFile: keys/p}}}, "),
+                "LLMProvider default/p: configs.defaultConfig.openAIConfig.apiKeyFile: \"keys/p\" must be an absolute path",
+            ),
+            (
+                PROVIDER.replace("spec: {", "spec: {configs: {defaultConfig: {openAIConfig: {apiKeyFile: /k, apiKey: k}}}, "),
+                "LLMProvider default/p: configs.defaultConfig.openAIConfig.apiKeyFile: set one of apiKey, apiKeyFromEnv and apiKeyFile",
             ),
             (
                 PROVIDER.replace("spec: {", "spec: {configs: {defaultConfig: {openAIConfig: {modle: m}}}, "),

@@ -40,7 +40,27 @@ pub fn temp_dir(label: &str) -> PathBuf {
     dir
 }
 
+/// How to run Envoy beyond its config: extra environment variables and the log level.
+#[derive(Clone, Copy)]
+pub struct Launch<'a> {
+    pub env: &'a [(&'a str, &'a str)],
+    pub log_level: &'a str,
+}
+
+impl Default for Launch<'_> {
+    fn default() -> Self {
+        Launch {
+            env: &[],
+            log_level: "info",
+        }
+    }
+}
+
 fn spawn(config_yaml: &str, dir: &Path) -> Child {
+    spawn_with(config_yaml, dir, Launch::default())
+}
+
+fn spawn_with(config_yaml: &str, dir: &Path, launch: Launch<'_>) -> Child {
     let cfg = dir.join("envoy.yaml");
     std::fs::write(&cfg, config_yaml).expect("write envoy.yaml");
     let log = std::fs::File::create(dir.join("envoy.log")).expect("create envoy.log");
@@ -49,7 +69,9 @@ fn spawn(config_yaml: &str, dir: &Path) -> Child {
         .arg("-c")
         .arg(&cfg)
         .args(["--concurrency", "1", "--use-dynamic-base-id"])
-        .args(["--log-level", "info", "--file-flush-interval-msec", "100"])
+        .args(["--log-level", launch.log_level])
+        .args(["--file-flush-interval-msec", "100"])
+        .envs(launch.env.iter().copied())
         .arg("--admin-address-path")
         .arg(dir.join("admin-address"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -140,8 +162,13 @@ pub struct Envoy {
 impl Envoy {
     /// Starts Envoy on `config_yaml` (already patched) and waits until it serves.
     pub fn start(config_yaml: &str, label: &str) -> Envoy {
+        Envoy::start_with(config_yaml, label, Launch::default())
+    }
+
+    /// [`Envoy::start`] with extra environment variables or another log level.
+    pub fn start_with(config_yaml: &str, label: &str, launch: Launch<'_>) -> Envoy {
         let dir = temp_dir(label);
-        let child = spawn(config_yaml, &dir);
+        let child = spawn_with(config_yaml, &dir, launch);
         let mut envoy = Envoy {
             child,
             dir,

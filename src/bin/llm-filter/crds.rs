@@ -104,6 +104,14 @@ spec:
                           apiKey:
                             type: string
                             pattern: '^[ -~]+$'
+                          apiKeyFromEnv:
+                            description: Environment variable of the proxy's Wasm VM holding the key (WasmPlugin vmConfig.env), instead of apiKey.
+                            type: string
+                            pattern: '^[A-Za-z_][A-Za-z0-9_]*$'
+                          apiKeyFile:
+                            description: File Envoy injects as the key (credential_injector on the provider's cluster); the filter never sees it.
+                            type: string
+                            pattern: '^/'
                   routeSpecificConfigs:
                     description: Keyed by LLMRoute rule name; replaces defaultConfig whole.
                     type: object
@@ -121,6 +129,12 @@ spec:
                             apiKey:
                               type: string
                               pattern: '^[ -~]+$'
+                            apiKeyFromEnv:
+                              type: string
+                              pattern: '^[A-Za-z_][A-Za-z0-9_]*$'
+                            apiKeyFile:
+                              type: string
+                              pattern: '^/'
 ---
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition

@@ -92,7 +92,11 @@ pub fn render(
         .iter()
         .flat_map(|e| e.http_filters.iter().cloned())
         .collect();
-    http_filters.push(wasm_filter(&options.wasm, &configuration));
+    http_filters.push(wasm_filter(
+        &options.wasm,
+        &configuration,
+        &config.api_key_env_names(),
+    ));
     http_filters.push(map([
         ("name", ROUTER.into()),
         (
@@ -120,6 +124,16 @@ pub fn render(
             ]),
         ),
     ]);
+    let mut bootstrap = bootstrap;
+    let secrets: Vec<Value> = providers.iter().filter_map(key_file_secret).collect();
+    if let (false, Some(resources)) = (
+        secrets.is_empty(),
+        bootstrap
+            .get_mut("static_resources")
+            .and_then(Value::as_mapping_mut),
+    ) {
+        resources.insert("secrets".into(), Value::Sequence(secrets));
+    }
     let yaml = serde_yaml::to_string(&bootstrap)
         .map_err(|e| format!("render envoy: cannot write YAML: {e}"))?;
     Ok(format!(
@@ -143,6 +157,15 @@ struct ProviderPlan {
     authorities: Vec<String>,
     /// `--endpoint`: where to connect instead of `host:443`.
     endpoint: Option<SocketAddr>,
+    /// `apiKeyFile`: injected by Envoy's `credential_injector` on this provider's cluster.
+    key_file: Option<String>,
+}
+
+impl ProviderPlan {
+    /// The name of the static generic secret holding this provider's key file.
+    fn key_secret_name(&self) -> String {
+        format!("{}-api-key", self.name)
+    }
 }
 
 /// The host as the filter compares it: trimmed, lower case, without a trailing dot.
@@ -177,6 +200,7 @@ fn plan_providers(
                 .iter()
                 .find(|(h, _)| normalize_host(h) == host)
                 .map(|(_, addr)| addr.clone()),
+            key_file: FilterConfig::api_key_file(provider).map(str::to_string),
             host,
         });
     }
@@ -424,7 +448,20 @@ fn listener(
     ])
 }
 
-fn wasm_filter(wasm: &str, configuration: &str) -> Value {
+/// The wasm filter. `env_keys`: the variables `apiKeyFromEnv` names, passed from Envoy's own
+/// environment into the Wasm VM (`vm_config.environment_variables.host_env_keys`).
+fn wasm_filter(wasm: &str, configuration: &str, env_keys: &[String]) -> Value {
+    let mut vm_config = map([
+        ("vm_id", "llm-filter".into()),
+        ("runtime", "envoy.wasm.runtime.v8".into()),
+        ("code", map([("local", map([("filename", wasm.into())]))])),
+    ]);
+    if let (Value::Mapping(vm), false) = (&mut vm_config, env_keys.is_empty()) {
+        vm.insert(
+            "environment_variables".into(),
+            map([("host_env_keys", env_keys.to_vec().into())]),
+        );
+    }
     map([
         ("name", WASM_FILTER.into()),
         (
@@ -436,14 +473,7 @@ fn wasm_filter(wasm: &str, configuration: &str) -> Value {
                     map([
                         ("name", "llm-filter".into()),
                         ("root_id", "llm-filter".into()),
-                        (
-                            "vm_config",
-                            map([
-                                ("vm_id", "llm-filter".into()),
-                                ("runtime", "envoy.wasm.runtime.v8".into()),
-                                ("code", map([("local", map([("filename", wasm.into())]))])),
-                            ]),
-                        ),
+                        ("vm_config", vm_config),
                         (
                             "configuration",
                             typed(
@@ -456,6 +486,68 @@ fn wasm_filter(wasm: &str, configuration: &str) -> Value {
             ),
         ),
     ])
+}
+
+/// `apiKeyFile`: upstream filters of the provider's cluster. Envoy's `credential_injector` sets
+/// `authorization: Bearer <file content>` on each request to this cluster, replacing what the
+/// client sent; it runs after the router has logged the request, so the key appears in no log.
+fn key_injector_filters(p: &ProviderPlan) -> Value {
+    Value::Sequence(vec![
+        map([
+            ("name", "envoy.filters.http.credential_injector".into()),
+            (
+                "typed_config",
+                typed(
+                    "envoy.extensions.filters.http.credential_injector.v3.CredentialInjector",
+                    [
+                        ("overwrite", true.into()),
+                        (
+                            "credential",
+                            map([
+                                ("name", "envoy.http.injected_credentials.generic".into()),
+                                (
+                                    "typed_config",
+                                    typed(
+                                        "envoy.extensions.http.injected_credentials.generic.v3.Generic",
+                                        [
+                                            (
+                                                "credential",
+                                                map([("name", p.key_secret_name().into())]),
+                                            ),
+                                            ("header", "Authorization".into()),
+                                            ("header_value_prefix", "Bearer ".into()),
+                                        ],
+                                    ),
+                                ),
+                            ]),
+                        ),
+                    ],
+                ),
+            ),
+        ]),
+        map([
+            ("name", "envoy.filters.http.upstream_codec".into()),
+            (
+                "typed_config",
+                typed(
+                    "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
+                    [],
+                ),
+            ),
+        ]),
+    ])
+}
+
+/// The static generic secret that `key_injector_filters` reads: the key file, read by Envoy.
+fn key_file_secret(p: &ProviderPlan) -> Option<Value> {
+    let file = p.key_file.as_deref()?;
+    Some(map([
+        ("name", p.key_secret_name().into()),
+        (
+            "generic_secret",
+            map([("secret", map([("filename", file.into())]))]),
+        ),
+    ]))
 }
 
 /// After the filter has set `:authority` to a provider host (or a `hostRewrite` of it),
@@ -550,20 +642,28 @@ fn provider_cluster(p: &ProviderPlan, options: &EnvoyOptions, buffer_limit: u64)
         ]),
     );
     // HTTP/2 when the provider offers it in ALPN, else HTTP/1.1.
+    let auto_config = map([
+        ("http_protocol_options", Value::Mapping(Mapping::new())),
+        ("http2_protocol_options", Value::Mapping(Mapping::new())),
+    ]);
+    let protocol_options = match &p.key_file {
+        None => typed(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            [("auto_config", auto_config)],
+        ),
+        Some(_) => typed(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            [
+                ("auto_config", auto_config),
+                ("http_filters", key_injector_filters(p)),
+            ],
+        ),
+    };
     cluster.insert(
         "typed_extension_protocol_options".into(),
         map([(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            typed(
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                [(
-                    "auto_config",
-                    map([
-                        ("http_protocol_options", Value::Mapping(Mapping::new())),
-                        ("http2_protocol_options", Value::Mapping(Mapping::new())),
-                    ]),
-                )],
-            ),
+            protocol_options,
         )]),
     );
     let ca = options.ca.as_deref().unwrap_or(SYSTEM_CA);

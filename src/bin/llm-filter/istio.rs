@@ -41,6 +41,18 @@ pub fn render(config: &FilterConfig, options: &IstioOptions) -> Result<String, S
     if options.wasm_url.trim().is_empty() {
         return Err("--wasm-url: must not be empty".to_string());
     }
+    if let Some(provider) = config
+        .providers
+        .iter()
+        .find(|p| FilterConfig::api_key_file(p).is_some())
+    {
+        return Err(format!(
+            "{}: openAIConfig.apiKeyFile: only `render envoy` supports it (Envoy's \
+             credential_injector on the provider cluster); on Istio use apiKeyFromEnv with the \
+             key in a Kubernetes Secret",
+            provider.resource_name()
+        ));
+    }
     let mut documents = wasm_plugins(config, options)?;
     documents.extend(provider_resources(config));
     documents.extend(virtual_services(config)?);
@@ -293,6 +305,16 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
         });
         if !selection.labels.is_empty() {
             spec["selector"] = json!({ "matchLabels": selection.labels });
+        }
+        let env_keys = config.api_key_env_names();
+        if !env_keys.is_empty() {
+            // apiKeyFromEnv: the istio-proxy container's variables (e.g. from a Secret through
+            // `valueFrom.secretKeyRef`) passed into the Wasm VM.
+            let env: Vec<Value> = env_keys
+                .iter()
+                .map(|name| json!({"name": name, "valueFrom": "HOST"}))
+                .collect();
+            spec["vmConfig"] = json!({ "env": env });
         }
         documents.push(Document {
             comments,
@@ -804,6 +826,37 @@ spec:
             wasm_url: " ".to_string(),
         };
         assert!(render(&FilterConfig::default(), &empty_url).is_err());
+    }
+
+    #[test]
+    fn env_keys_reach_the_vm_and_key_files_are_refused() {
+        let with_key = |field: &str| {
+            provider("a", "default", "a.example", "").replace(
+                "spec: {",
+                &format!("spec: {{configs: {{defaultConfig: {{openAIConfig: {{{field}}}}}}}, "),
+            )
+        };
+        let docs = documents(&with_key("apiKeyFromEnv: A_KEY"));
+        let plugins = of_kind(&docs, "WasmPlugin");
+        assert_eq!(plugins[0]["spec"]["vmConfig"]["env"][0]["name"], "A_KEY");
+        assert_eq!(
+            plugins[0]["spec"]["vmConfig"]["env"][0]["valueFrom"],
+            "HOST"
+        );
+        assert!(
+            of_kind(&documents(&with_key("model: m")), "WasmPlugin")[0]["spec"]
+                .get("vmConfig")
+                .is_none()
+        );
+        let error = render(
+            &config(&with_key("apiKeyFile: /keys/a")),
+            &IstioOptions::default(),
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("LLMProvider default/a: openAIConfig.apiKeyFile"),
+            "{error}"
+        );
     }
 
     #[test]
