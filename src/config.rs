@@ -194,6 +194,12 @@ pub struct Settings {
     /// `stream_options`, so the provider reports token usage at the end of the stream.
     #[serde(default = "yes")]
     pub request_stream_usage: bool,
+    /// Hold the request headers until the body has been read and checked, so an invalid body
+    /// never opens a provider request, and send the exact `content-length`. Needs the Envoy
+    /// wasm filter's `allow_on_headers_stop_iteration: true` (without it Envoy stops the whole
+    /// request at the headers); `llm-filter render envoy` sets both.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_after_body: bool,
 }
 
 fn yes() -> bool {
@@ -209,6 +215,7 @@ impl Default for Settings {
         Settings {
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
             request_stream_usage: true,
+            forward_after_body: false,
         }
     }
 }

@@ -235,10 +235,28 @@ fn seed() -> u64 {
 enum State {
     /// Not an LLM request, or answered locally.
     PassThrough,
-    /// Routed: headers rewritten, waiting for the whole body to rewrite it for this call.
-    Buffering(Rc<ProviderCall>),
+    /// Routed, waiting for the whole body to rewrite it for this call. `held`: the rewritten
+    /// headers, not yet given back to Envoy (`settings.forwardAfterBody`); `None` when they
+    /// already went on at header time.
+    Buffering {
+        call: Rc<ProviderCall>,
+        held: Option<Headers>,
+    },
     /// Sent to the provider: the response is watched for model, usage and timing.
     Forwarded(Box<Upstream>),
+}
+
+type Headers = Vec<(String, Vec<u8>)>;
+
+/// Replaces the request headers, logging (not failing) if Envoy refuses.
+fn set_request_headers(context_id: u32, headers: &Headers) {
+    let pairs: Vec<(&str, &[u8])> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    if let Err(status) = hostcalls::set_map_bytes(MapType::HttpRequestHeaders, pairs) {
+        error!("#{context_id} llm-filter: cannot set request headers: {status:?}");
+    }
 }
 
 /// A request on its way to a provider, and what its answer has shown so far.
@@ -356,8 +374,13 @@ impl LlmHttp {
         Action::Pause
     }
 
-    /// Rewrites the complete buffered body for the chosen provider.
-    fn finish_body(&mut self, call: Rc<ProviderCall>, body_size: usize) -> Action {
+    /// Rewrites the complete buffered body for the chosen provider; gives back held headers.
+    fn finish_body(
+        &mut self,
+        call: Rc<ProviderCall>,
+        held: Option<Headers>,
+        body_size: usize,
+    ) -> Action {
         let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
             Ok(body) => body.unwrap_or_default(),
             Err(status) => {
@@ -372,6 +395,16 @@ impl LlmHttp {
             Ok(rewritten) => rewritten,
             Err(error) => return self.reject(error),
         };
+        if let Some(mut headers) = held {
+            // The whole body is known: send its exact length, never a chunked framing.
+            let length = rewritten.body.as_ref().map_or(body.len(), Vec::len);
+            headers.retain(|(k, _)| k != "transfer-encoding");
+            headers.push((
+                "content-length".to_string(),
+                length.to_string().into_bytes(),
+            ));
+            set_request_headers(self.context_id, &headers);
+        }
         if let Some(new_body) = &rewritten.body {
             if let Err(status) =
                 hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), new_body)
@@ -402,6 +435,18 @@ impl LlmHttp {
     }
 }
 
+impl LlmHttp {
+    fn take_buffered_and_finish(&mut self, body_size: usize) -> Action {
+        match std::mem::replace(&mut self.state, State::PassThrough) {
+            State::Buffering { call, held } => self.finish_body(call, held, body_size),
+            other => {
+                self.state = other;
+                Action::Continue
+            }
+        }
+    }
+}
+
 impl Context for LlmHttp {}
 
 impl HttpContext for LlmHttp {
@@ -427,34 +472,33 @@ impl HttpContext for LlmHttp {
                     self.context_id, call.provider, call.rule
                 );
                 rewrite_headers(&call, &mut headers);
-                let pairs: Vec<(&str, &[u8])> = headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_slice()))
-                    .collect();
-                if let Err(status) = hostcalls::set_map_bytes(MapType::HttpRequestHeaders, pairs) {
-                    error!(
-                        "#{} llm-filter: cannot set request headers: {status:?}",
-                        self.context_id
-                    );
+                if self.policy.forward_after_body {
+                    // Envoy's `allow_on_headers_stop_iteration` lets the body arrive while the
+                    // headers wait; they go on, with the exact length, once the body is good.
+                    self.state = State::Buffering {
+                        call,
+                        held: Some(headers),
+                    };
+                    return Action::Pause;
                 }
-                self.state = State::Buffering(call);
+                set_request_headers(self.context_id, &headers);
+                self.state = State::Buffering { call, held: None };
                 Action::Continue
             }
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let State::Buffering(call) = &self.state else {
+        if !matches!(self.state, State::Buffering { .. }) {
             return Action::Continue;
-        };
+        }
         if body_size as u64 > self.policy.max_request_body_bytes {
             return self.reject(RequestError::BodyTooLarge);
         }
         if !end_of_stream {
             return Action::Pause;
         }
-        let call = Rc::clone(call);
-        self.finish_body(call, body_size)
+        self.take_buffered_and_finish(body_size)
     }
 
     fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
@@ -511,10 +555,9 @@ impl HttpContext for LlmHttp {
 
     fn on_http_request_trailers(&mut self, _: usize) -> Action {
         // A body that ends with trailers never sees end_of_stream in the body callback.
-        let State::Buffering(call) = &self.state else {
+        if !matches!(self.state, State::Buffering { .. }) {
             return Action::Continue;
-        };
-        let call = Rc::clone(call);
-        self.finish_body(call, usize::MAX)
+        }
+        self.take_buffered_and_finish(usize::MAX)
     }
 }

@@ -96,6 +96,8 @@ pub struct Policy {
     hosts: HashMap<String, Rc<HostTarget>>,
     pub max_request_body_bytes: u64,
     pub request_stream_usage: bool,
+    /// `settings.forwardAfterBody`: hold the headers until the body is checked.
+    pub forward_after_body: bool,
 }
 
 impl Policy {
@@ -175,6 +177,7 @@ impl Policy {
             hosts,
             max_request_body_bytes: config.settings.max_request_body_bytes,
             request_stream_usage: config.settings.request_stream_usage,
+            forward_after_body: config.settings.forward_after_body,
         })
     }
 

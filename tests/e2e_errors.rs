@@ -12,10 +12,15 @@ use support::mock::{Behavior, FixedReply};
 use support::*;
 
 /// The mesh manifests plus one more YAML document.
+/// The shipped mesh configuration's manifests (without its settings document) and `extra`.
 fn mesh_manifests_plus(extra: &str) -> String {
     let mut doc = shipped("mesh.yaml");
     let value = patch::wasm_configuration(&mut doc).unwrap();
-    format!("{value}\n---\n{extra}\n")
+    let manifests: Vec<&str> = value
+        .split("\n---\n")
+        .filter(|d| !d.starts_with("settings:"))
+        .collect();
+    format!("{}\n---\n{extra}\n", manifests.join("\n---\n"))
 }
 
 #[tokio::test]
@@ -186,7 +191,8 @@ async fn one_mebibyte_body_is_rewritten_intact() {
 /// `body_too_large` above it, normal service below it.
 #[tokio::test]
 async fn body_over_the_configured_limit_gets_413() {
-    let config = mesh_manifests_plus("settings:\n  maxRequestBodyBytes: 1024");
+    let config =
+        mesh_manifests_plus("settings:\n  maxRequestBodyBytes: 1024\n  forwardAfterBody: true");
     let s = Stack::builder("mesh.yaml")
         .wasm_configuration(&config)
         .start();

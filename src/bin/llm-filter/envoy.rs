@@ -66,7 +66,10 @@ pub fn render(
         .collect::<Result<Vec<_>, _>>()?;
     let providers = plan_providers(config, options)?;
     check_names(&providers, &extends)?;
-    let configuration = embedded_configuration(config)?;
+    // The bootstrap lets the filter hold headers until the body is checked, so it asks for it.
+    let mut embedded = config.clone();
+    embedded.settings.forward_after_body = true;
+    let configuration = embedded_configuration(&embedded)?;
     let buffer_limit = buffer_limit(&config.settings);
 
     let mut clusters: Vec<Value> = providers
@@ -473,6 +476,9 @@ fn wasm_filter(wasm: &str, configuration: &str, env_keys: &[String]) -> Value {
                     map([
                         ("name", "llm-filter".into()),
                         ("root_id", "llm-filter".into()),
+                        // settings.forwardAfterBody: the filter pauses at the headers and
+                        // still receives the body.
+                        ("allow_on_headers_stop_iteration", true.into()),
                         ("vm_config", vm_config),
                         (
                             "configuration",
@@ -957,15 +963,20 @@ mod tests {
             let doc = rendered(seed, &EnvoyOptions::default());
             let text = embedded(&doc);
             Policy::from_text(&text).unwrap();
-            assert_eq!(FilterConfig::parse(&text).unwrap(), config);
-            assert!(!text.contains("settings"), "default settings are left out");
+            let mut expected = config;
+            expected.settings.forward_after_body = true;
+            assert_eq!(FilterConfig::parse(&text).unwrap(), expected);
+            assert!(
+                text.ends_with("  forwardAfterBody: true\n"),
+                "the bootstrap's filter holds headers until the body is read: {text}"
+            );
             assert!(
                 text.starts_with("apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMProvider\n")
             );
         }
         let text = embedded(&rendered(MESH, &EnvoyOptions::default()));
         assert!(text.contains("apiKey: sk-dashscope-API_KEY"), "{text}");
-        assert_eq!(text.matches("\n---\n").count(), 3, "{text}");
+        assert_eq!(text.matches("\n---\n").count(), 4, "{text}");
     }
 
     #[test]
@@ -979,6 +990,7 @@ mod tests {
             text.contains("---\nsettings:\n  maxRequestBodyBytes: 12582912\n"),
             "{text}"
         );
+        config.settings.forward_after_body = true;
         assert_eq!(FilterConfig::parse(&text).unwrap(), config);
         let limit = 24 * 1024 * 1024;
         assert_eq!(
