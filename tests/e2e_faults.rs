@@ -352,3 +352,56 @@ async fn provider_429_and_5xx_pass_through_with_their_bodies() {
     assert_eq!(by_class.get("5xx"), Some(&2.0), "{by_class:?}");
     assert_still_healthy(&mut f).await;
 }
+
+/// An invalid body costs the client only that request: the filter's 400 should leave the
+/// HTTP/1.1 keep-alive connection open for the next request, as a provider's own 400 does.
+/// Today Envoy answers the filter's 400 with `connection: close` and closes the connection
+/// (every invalid request costs a reconnect; the soak run opened one connection per invalid
+/// body). The request was read to its end before the filter answered, so nothing forces the
+/// close; likely the upstream request the filter let start at header time, reset by the local
+/// reply. Ignored until `src/filter.rs` answers without it.
+#[tokio::test]
+#[ignore = "src bug: the filter's 400 for an invalid body closes the client's keep-alive connection (connection: close)"]
+async fn invalid_body_keeps_the_keep_alive_connection() {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let f = start(None, None);
+    let stream = tokio::net::TcpStream::connect(f.envoy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = |body: &'static str| {
+        hyper::Request::post("/")
+            .header("host", "demo-llm-server")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    let first = within(
+        Duration::from_secs(5),
+        "invalid body",
+        sender.send_request(req("[1,2,3]")),
+    )
+    .await
+    .0
+    .unwrap();
+    assert_eq!(first.status(), 400);
+    let close = first.headers().get("connection").cloned();
+    first.into_body().collect().await.unwrap();
+    assert_eq!(close, None, "the filter's 400 closes the connection");
+    within(Duration::from_secs(2), "connection ready", sender.ready())
+        .await
+        .0
+        .expect("the connection was closed after the 400");
+    let second = within(
+        Duration::from_secs(5),
+        "valid body",
+        sender.send_request(req(SEED_BODY)),
+    )
+    .await
+    .0
+    .unwrap();
+    assert_eq!(second.status(), 200);
+}
