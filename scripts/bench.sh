@@ -200,6 +200,15 @@ spec:
     defaultConfig:
       openAIConfig: { model: bench-model, stream: false, apiKey: sk-bench-verify }
 EOF
+# As `llm-filter render envoy` ships it: headers held until the body is checked (with Envoy's
+# allow_on_headers_stop_iteration below). BENCH_HOLD_HEADERS=0 measures the Istio WasmPlugin
+# way instead (headers go on at once, the body is rewritten on its own).
+if [ "${BENCH_HOLD_HEADERS:-1}" = 1 ]; then
+    printf -- '---\nsettings: { forwardAfterBody: true }\n' >>"$RUN/manifests.yaml"
+    ALLOW_STOP=true
+else
+    ALLOW_STOP=false
+fi
 
 # envoy_config PORT ADMIN FILTER(0|1): the one template both Envoys are made from.
 envoy_config() {
@@ -237,6 +246,7 @@ EOF
               config:
                 name: llm-filter
                 root_id: llm-filter
+                allow_on_headers_stop_iteration: $ALLOW_STOP
                 vm_config:
                   vm_id: llm-filter
                   runtime: envoy.wasm.runtime.v8
@@ -589,7 +599,7 @@ meta = {
     "envoy": "$ENVOY_VERSION_STRING", "rounds": $ROUNDS, "duration_s": $DURATION,
     "streaming_runs": $TTFE_RUNS, "memory_requests": $MEM_REQUESTS, "cores": "$CORES_NOTE",
     "upstream": "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (echo module for the stream), plain HTTP",
-    "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
+    "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
     "litellm": "$LITELLM_VERSION", "litellm_note": "$LITELLM_NOTE",
 }
 med = statistics.median
