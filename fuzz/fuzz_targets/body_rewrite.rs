@@ -74,13 +74,10 @@ fuzz_target!(|data: &[u8]| {
     let calls = calls();
     let call = &calls[usize::from(pick) % calls.len()];
     let usage = pick & 0x80 != 0;
-    match rewrite_body(call, body, usage) {
-        Ok(out) => {
-            assert!(is_json(body), "accepted a body that is not JSON");
-            if let Some(new_body) = &out.body {
-                assert!(is_json(new_body), "forwarded a body that is not JSON");
-            }
+    if let Ok(out) = rewrite_body(call, body, usage) {
+        assert!(is_json(body), "accepted a body that is not JSON");
+        if let Some(new_body) = &out.body {
+            assert!(is_json(new_body), "forwarded a body that is not JSON");
         }
-        Err(_) => {}
     }
 });

@@ -33,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
     }
     split.feed(&stream[start..]);
     let split_report = split.finish().clone();
-    assert_eq!(whole_report, split_report, "chunk boundaries changed the report");
+    assert_eq!(
+        whole_report, split_report,
+        "chunk boundaries changed the report"
+    );
     assert_eq!(whole.events(), split.events());
     assert_eq!(whole.done(), split.done());
 
