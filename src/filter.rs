@@ -1,9 +1,11 @@
 //! The only module that talks to proxy-wasm: it turns host callbacks into calls on `Policy` and
 //! `rewrite`, and their results back into host calls and `Action`s. It decides nothing itself.
 //!
-//! Host calls per request (each one crosses into Envoy): a pass-through request costs one (read
-//! the headers); an LLM request costs four (read headers, write headers, read body, write body
-//! — the last skipped when the body needs no change).
+//! Host calls per request (each one crosses into Envoy): a request for another host costs one
+//! (read `:authority`). An LLM request reads `:authority` and then all headers, reads the body,
+//! writes only the headers that change (about four small calls) and the body, and stores three
+//! filter-state values; its answer costs a header read, a body read per chunk, four filter-state
+//! values and up to four metric updates.
 
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
@@ -21,7 +23,7 @@ use crate::balancer::SplitMix64;
 use crate::error::RequestError;
 use crate::metrics::{series, status_class, Metric};
 use crate::policy::{self, Decision, Policy, ProviderCall};
-use crate::rewrite::{rewrite_body, rewrite_headers};
+use crate::rewrite::{header_changes, rewrite_body, rewrite_headers};
 use crate::usage::{Report, ResponseObserver};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -240,7 +242,7 @@ enum State {
     /// already went on at header time.
     Buffering {
         call: Rc<ProviderCall>,
-        held: Option<Headers>,
+        held: Option<HeldHeaders>,
     },
     /// Sent to the provider: the response is watched for model, usage and timing.
     Forwarded(Box<Upstream>),
@@ -248,13 +250,29 @@ enum State {
 
 type Headers = Vec<(String, Vec<u8>)>;
 
-/// Replaces the request headers, logging (not failing) if Envoy refuses.
-fn set_request_headers(context_id: u32, headers: &Headers) {
-    let pairs: Vec<(&str, &[u8])> = headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_slice()))
-        .collect();
-    if let Err(status) = hostcalls::set_map_bytes(MapType::HttpRequestHeaders, pairs) {
+/// The request headers as Envoy has them and as they should go upstream.
+struct HeldHeaders {
+    before: Headers,
+    after: Headers,
+}
+
+/// Turns Envoy's request headers from `before` into `after`: one small host call per changed
+/// header (usually `:path`, `:authority`, `authorization`, `content-length`), or the whole map
+/// when a name repeats. Logs (never fails) if Envoy refuses.
+fn write_request_headers(context_id: u32, before: &Headers, after: &Headers) {
+    let result = match header_changes(before, after) {
+        Some(changes) => changes.into_iter().try_for_each(|(name, value)| {
+            hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, value)
+        }),
+        None => {
+            let pairs: Vec<(&str, &[u8])> = after
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect();
+            hostcalls::set_map_bytes(MapType::HttpRequestHeaders, pairs)
+        }
+    };
+    if let Err(status) = result {
         error!("#{context_id} llm-filter: cannot set request headers: {status:?}");
     }
 }
@@ -378,7 +396,7 @@ impl LlmHttp {
     fn finish_body(
         &mut self,
         call: Rc<ProviderCall>,
-        held: Option<Headers>,
+        held: Option<HeldHeaders>,
         body_size: usize,
     ) -> Action {
         let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
@@ -395,15 +413,15 @@ impl LlmHttp {
             Ok(rewritten) => rewritten,
             Err(error) => return self.reject(error),
         };
-        if let Some(mut headers) = held {
+        if let Some(HeldHeaders { before, mut after }) = held {
             // The whole body is known: send its exact length, never a chunked framing.
             let length = rewritten.body.as_ref().map_or(body.len(), Vec::len);
-            headers.retain(|(k, _)| k != "transfer-encoding");
-            headers.push((
+            after.retain(|(k, _)| k != "transfer-encoding");
+            after.push((
                 "content-length".to_string(),
                 length.to_string().into_bytes(),
             ));
-            set_request_headers(self.context_id, &headers);
+            write_request_headers(self.context_id, &before, &after);
         }
         if let Some(new_body) = &rewritten.body {
             if let Err(status) =
@@ -451,7 +469,12 @@ impl Context for LlmHttp {}
 
 impl HttpContext for LlmHttp {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
-        let mut headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+        // Most traffic of a sidecar is not for an LLM host: one small read decides that.
+        match hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":authority") {
+            Ok(Some(authority)) if self.policy.is_llm_host(&authority) => {}
+            _ => return Action::Continue,
+        }
+        let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
             Ok(headers) => headers,
             Err(status) => {
                 error!(
@@ -471,17 +494,21 @@ impl HttpContext for LlmHttp {
                     "#{} llm-filter: provider {} rule {:?}",
                     self.context_id, call.provider, call.rule
                 );
-                rewrite_headers(&call, &mut headers);
+                let mut after = headers.clone();
+                rewrite_headers(&call, &mut after);
                 if self.policy.forward_after_body {
                     // Envoy's `allow_on_headers_stop_iteration` lets the body arrive while the
                     // headers wait; they go on, with the exact length, once the body is good.
                     self.state = State::Buffering {
                         call,
-                        held: Some(headers),
+                        held: Some(HeldHeaders {
+                            before: headers,
+                            after,
+                        }),
                     };
                     return Action::Pause;
                 }
-                set_request_headers(self.context_id, &headers);
+                write_request_headers(self.context_id, &headers, &after);
                 self.state = State::Buffering { call, held: None };
                 Action::Continue
             }

@@ -37,6 +37,40 @@ pub fn rewrite_headers(call: &ProviderCall, headers: &mut Vec<(String, Vec<u8>)>
     }
 }
 
+/// One edit of a header map: set `name` to `value` (replacing every value it had), or remove
+/// it (`None`).
+pub type HeaderChange<'a> = (&'a str, Option<&'a [u8]>);
+
+/// The edits that turn `before` into `after`, so only changed headers cross into Envoy (one
+/// small host call each instead of rewriting the whole map). `None` when a name appears more
+/// than once on either side: a targeted edit could not say which value it means, so the caller
+/// replaces the whole map.
+pub fn header_changes<'a>(
+    before: &'a [(String, Vec<u8>)],
+    after: &'a [(String, Vec<u8>)],
+) -> Option<Vec<HeaderChange<'a>>> {
+    let unique = |list: &[(String, Vec<u8>)]| {
+        list.iter()
+            .enumerate()
+            .all(|(i, (k, _))| list[..i].iter().all(|(other, _)| other != k))
+    };
+    if !unique(before) || !unique(after) {
+        return None;
+    }
+    let mut changes = Vec::new();
+    for (name, value) in after {
+        if crate::policy::header(before, name) != Some(value.as_slice()) {
+            changes.push((name.as_str(), Some(value.as_slice())));
+        }
+    }
+    for (name, _) in before {
+        if crate::policy::header(after, name).is_none() {
+            changes.push((name.as_str(), None));
+        }
+    }
+    Some(changes)
+}
+
 /// The outcome of a body rewrite.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewritten {
@@ -432,6 +466,38 @@ mod tests {
         assert!(get("content-length").is_empty());
         assert_eq!(get("user-type"), vec![&b"subscriber"[..]]);
         assert_eq!(get(":method"), vec![&b"POST"[..]]);
+    }
+
+    #[test]
+    fn header_changes_touch_only_what_differs() {
+        let c = call(None, None, Some("sk-provider"));
+        let before: Vec<(String, Vec<u8>)> = vec![
+            (":method".into(), b"POST".to_vec()),
+            (":path".into(), b"/v1/chat?x=1".to_vec()),
+            (":authority".into(), b"test.com".to_vec()),
+            ("content-length".into(), b"42".to_vec()),
+            ("user-type".into(), b"subscriber".to_vec()),
+        ];
+        let mut after = before.clone();
+        rewrite_headers(&c, &mut after);
+        let mut changes = header_changes(&before, &after).unwrap();
+        changes.sort();
+        assert_eq!(
+            changes,
+            vec![
+                (":authority", Some(&b"dashscope.aliyuncs.com"[..])),
+                (
+                    ":path",
+                    Some(&b"/compatible-mode/v1/chat/completions?x=1"[..])
+                ),
+                ("authorization", Some(&b"Bearer sk-provider"[..])),
+                ("content-length", None),
+            ]
+        );
+        assert_eq!(header_changes(&before, &before), Some(vec![]));
+        let mut twice = before.clone();
+        twice.push(("user-type".into(), b"other".to_vec()));
+        assert_eq!(header_changes(&twice, &after), None);
     }
 
     #[test]
