@@ -119,6 +119,11 @@ pub struct OpenAIConfig {
     /// filter, the plugin configuration or Envoy's logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_file: Option<String>,
+    /// The client's model → the provider's (an addition to ASM's resource). Keys are exact
+    /// names, `prefix*`, or `*`; the most specific applies (exact, longest prefix, `*`) and
+    /// decides the upstream model over `model`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_mapping: BTreeMap<String, String>,
 }
 
 /// Keys never reach a log line, not even through `{:?}`.
@@ -130,6 +135,7 @@ impl fmt::Debug for OpenAIConfig {
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("api_key_from_env", &self.api_key_from_env)
             .field("api_key_file", &self.api_key_file)
+            .field("model_mapping", &self.model_mapping)
             .finish()
     }
 }
@@ -160,6 +166,10 @@ pub struct RuleConfig {
 pub struct MatchConfig {
     #[serde(default)]
     pub headers: BTreeMap<String, StringMatchConfig>,
+    /// A match on the `model` of the request body (an addition to ASM's resource). Routing on
+    /// it needs the body first: `settings.forwardAfterBody`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<StringMatchConfig>,
 }
 
 /// Istio's `StringMatch`: exactly one of the three.
@@ -200,7 +210,25 @@ pub struct Settings {
     /// request at the headers); `llm-filter render envoy` sets both.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forward_after_body: bool,
+    /// With `forwardAfterBody`: a request whose headers wait this long without Envoy handing
+    /// the filter any body gets a 500 saying which Envoy setting is missing (instead of hanging).
+    #[serde(
+        default = "default_hold_timeout_ms",
+        skip_serializing_if = "is_default_hold_timeout"
+    )]
+    pub hold_timeout_ms: u64,
 }
+
+fn default_hold_timeout_ms() -> u64 {
+    DEFAULT_HOLD_TIMEOUT_MS
+}
+
+fn is_default_hold_timeout(ms: &u64) -> bool {
+    *ms == DEFAULT_HOLD_TIMEOUT_MS
+}
+
+/// `settings.holdTimeoutMs` by default.
+pub const DEFAULT_HOLD_TIMEOUT_MS: u64 = 10_000;
 
 fn yes() -> bool {
     true
@@ -216,6 +244,7 @@ impl Default for Settings {
             max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
             request_stream_usage: true,
             forward_after_body: false,
+            hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
         }
     }
 }

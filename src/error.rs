@@ -77,6 +77,12 @@ pub enum RequestError {
     DuplicateKey,
     BodyTooLarge,
     RouteNotFound,
+    /// A route matches on the body's `model`, but this Envoy lets the headers go before the
+    /// body is read (no `settings.forwardAfterBody` / `allow_on_headers_stop_iteration`).
+    ModelRoutingUnavailable,
+    /// The filter held the headers for the body and Envoy never delivered it (the wasm filter
+    /// lacks `allow_on_headers_stop_iteration`).
+    BodyNotDelivered,
 }
 
 impl RequestError {
@@ -84,6 +90,7 @@ impl RequestError {
         match self {
             RequestError::BodyTooLarge => 413,
             RequestError::RouteNotFound => 404,
+            RequestError::ModelRoutingUnavailable | RequestError::BodyNotDelivered => 500,
             _ => 400,
         }
     }
@@ -100,6 +107,8 @@ impl RequestError {
             RequestError::DuplicateKey => "duplicate_key",
             RequestError::BodyTooLarge => "body_too_large",
             RequestError::RouteNotFound => "route_not_found",
+            RequestError::ModelRoutingUnavailable => "model_routing_unavailable",
+            RequestError::BodyNotDelivered => "body_not_delivered",
         }
     }
 
@@ -119,6 +128,27 @@ impl RequestError {
             }
             RequestError::BodyTooLarge => "The request body is larger than this gateway accepts.",
             RequestError::RouteNotFound => "No LLMRoute rule matches this request for this host.",
+            RequestError::ModelRoutingUnavailable => {
+                "This route matches on the request's model, which needs the body before routing: \
+                 the gateway's Envoy must set allow_on_headers_stop_iteration: true on the wasm \
+                 filter and the filter's settings.forwardAfterBody: true (llm-filter render envoy \
+                 sets both)."
+            }
+            RequestError::BodyNotDelivered => {
+                "The gateway held the request headers for the body, but Envoy delivered none: \
+                 the wasm filter needs allow_on_headers_stop_iteration: true with \
+                 settings.forwardAfterBody (llm-filter render envoy sets both)."
+            }
+        }
+    }
+
+    /// OpenAI's error type: the client's mistake, or the gateway's.
+    pub fn kind(self) -> &'static str {
+        match self {
+            RequestError::ModelRoutingUnavailable | RequestError::BodyNotDelivered => {
+                "server_error"
+            }
+            _ => "invalid_request_error",
         }
     }
 
@@ -127,8 +157,9 @@ impl RequestError {
         // Messages and codes are fixed ASCII without quotes or backslashes, so no escaping is
         // needed; the unit test below checks the result parses.
         format!(
-            r#"{{"error":{{"message":"{}","type":"invalid_request_error","code":"{}"}}}}"#,
+            r#"{{"error":{{"message":"{}","type":"{}","code":"{}"}}}}"#,
             self.message(),
+            self.kind(),
             self.code()
         )
     }
@@ -140,7 +171,7 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    const ALL: [RequestError; 10] = [
+    const ALL: [RequestError; 12] = [
         RequestError::EmptyBody,
         RequestError::InvalidJson,
         RequestError::NotAnObject,
@@ -151,13 +182,15 @@ mod tests {
         RequestError::DuplicateKey,
         RequestError::BodyTooLarge,
         RequestError::RouteNotFound,
+        RequestError::ModelRoutingUnavailable,
+        RequestError::BodyNotDelivered,
     ];
 
     #[test]
     fn error_bodies_are_openai_shaped_json() {
         for error in ALL {
             let body: serde_json::Value = serde_json::from_str(&error.body()).unwrap();
-            assert_eq!(body["error"]["type"], "invalid_request_error");
+            assert_eq!(body["error"]["type"], error.kind());
             assert_eq!(body["error"]["code"], error.code());
             assert_eq!(body["error"]["message"], error.message());
         }
@@ -168,6 +201,8 @@ mod tests {
         assert_eq!(RequestError::BodyTooLarge.status(), 413);
         assert_eq!(RequestError::RouteNotFound.status(), 404);
         assert_eq!(RequestError::InvalidJson.status(), 400);
+        assert_eq!(RequestError::ModelRoutingUnavailable.status(), 500);
+        assert_eq!(RequestError::ModelRoutingUnavailable.kind(), "server_error");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod matcher;
 pub mod metrics;
+pub mod models;
 pub mod policy;
 pub mod rewrite;
 pub mod scan;

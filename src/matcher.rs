@@ -38,21 +38,30 @@ impl StringMatch {
     }
 }
 
-/// All header conditions of one `matches[]` entry (ANDed). Names are lower-case.
+/// All conditions of one `matches[]` entry (ANDed): headers (names lower-case) and the body's
+/// `model`.
 #[derive(Debug, Clone, Default)]
 pub struct HeaderConditions {
     pub conditions: Vec<(String, StringMatch)>,
+    pub model: Option<StringMatch>,
 }
 
 impl HeaderConditions {
     /// True when every condition holds. A header that is absent fails its condition; when a
-    /// header appears several times, any of its values may satisfy it.
-    pub fn matches(&self, headers: &[(String, Vec<u8>)]) -> bool {
-        self.conditions.iter().all(|(name, m)| {
-            headers
-                .iter()
-                .any(|(key, value)| key == name && m.matches(value))
-        })
+    /// header appears several times, any of its values may satisfy it. `model` is the body's
+    /// model; a request that names none fails a model condition.
+    pub fn matches(&self, headers: &[(String, Vec<u8>)], model: Option<&[u8]>) -> bool {
+        let model_ok = match (&self.model, model) {
+            (None, _) => true,
+            (Some(m), Some(model)) => m.matches(model),
+            (Some(_), None) => false,
+        };
+        model_ok
+            && self.conditions.iter().all(|(name, m)| {
+                headers
+                    .iter()
+                    .any(|(key, value)| key == name && m.matches(value))
+            })
     }
 }
 

@@ -12,6 +12,7 @@ use crate::config::{
 };
 use crate::error::{ConfigError, ConfigErrors, RequestError};
 use crate::matcher::{HeaderConditions, StringMatch};
+use crate::models::{model_list_json, ModelMapping};
 
 /// Everything needed to turn a client's request into one provider's call. The rewrite
 /// (`rewrite.rs`) is a pure function of the request and this value, so the same value can later
@@ -31,6 +32,8 @@ pub struct ProviderCall {
     pub stream: Option<bool>,
     /// `Bearer <apiKey>`: the value of the `authorization` header.
     pub authorization: Option<String>,
+    /// `modelMapping`: the client's model → this provider's.
+    pub model_mapping: ModelMapping,
 }
 
 impl ProviderCall {
@@ -55,6 +58,7 @@ impl fmt::Debug for ProviderCall {
                 "authorization",
                 &self.authorization.as_ref().map(|_| "<redacted>"),
             )
+            .field("model_mapping", &self.model_mapping)
             .finish()
     }
 }
@@ -65,11 +69,13 @@ struct RulePolicy {
     matches: Vec<HeaderConditions>,
     backends: Vec<Rc<ProviderCall>>,
     choice: WeightedChoice,
+    /// Some entry has a `model` condition: the rule can only be tried with the body's model.
+    needs_model: bool,
 }
 
 impl RulePolicy {
-    fn matches(&self, headers: &[(String, Vec<u8>)]) -> bool {
-        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(headers))
+    fn matches(&self, headers: &[(String, Vec<u8>)], model: Option<&[u8]>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(headers, model))
     }
 }
 
@@ -77,6 +83,36 @@ impl RulePolicy {
 enum HostTarget {
     Route(Vec<RulePolicy>),
     Provider(Rc<ProviderCall>),
+}
+
+impl HostTarget {
+    fn calls(&self) -> Vec<&Rc<ProviderCall>> {
+        match self {
+            HostTarget::Route(rules) => rules.iter().flat_map(|r| r.backends.iter()).collect(),
+            HostTarget::Provider(call) => vec![call],
+        }
+    }
+
+    /// `GET /v1/models` for this host: each call's configured model and mapping names.
+    fn model_list(&self) -> Rc<str> {
+        let entries: Vec<(String, &str)> = self
+            .calls()
+            .into_iter()
+            .flat_map(|call| {
+                call.model_mapping
+                    .exact_names()
+                    .map(str::to_string)
+                    .chain(call.model())
+                    .map(|model| (model, call.provider.as_str()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Rc::from(model_list_json(
+            entries
+                .iter()
+                .map(|(model, owner)| (model.as_str(), *owner)),
+        ))
+    }
 }
 
 /// What to do with a request.
@@ -88,16 +124,25 @@ pub enum Decision {
     Reject(RequestError),
     /// Rewrite the request for this provider.
     Forward(Rc<ProviderCall>),
+    /// A rule that matches on the body's `model` must be tried: decide again with the model
+    /// (`Policy::decide_with_model`) once the body is read.
+    NeedsModel,
+    /// `GET /v1/models`: answer with this list (OpenAI's format).
+    Models(Rc<str>),
 }
 
 /// The compiled configuration.
 #[derive(Debug)]
 pub struct Policy {
     hosts: HashMap<String, Rc<HostTarget>>,
+    /// `GET /v1/models` answers, by the same host names.
+    model_lists: HashMap<String, Rc<str>>,
     pub max_request_body_bytes: u64,
     pub request_stream_usage: bool,
     /// `settings.forwardAfterBody`: hold the headers until the body is checked.
     pub forward_after_body: bool,
+    /// `settings.holdTimeoutMs`.
+    pub hold_timeout_ms: u64,
 }
 
 impl Policy {
@@ -173,11 +218,23 @@ impl Policy {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
+        let mut lists: HashMap<*const HostTarget, Rc<str>> = HashMap::new();
+        let model_lists = hosts
+            .iter()
+            .map(|(host, target)| {
+                let list = lists
+                    .entry(Rc::as_ptr(target))
+                    .or_insert_with(|| target.model_list());
+                (host.clone(), Rc::clone(list))
+            })
+            .collect();
         Ok(Policy {
             hosts,
+            model_lists,
             max_request_body_bytes: config.settings.max_request_body_bytes,
             request_stream_usage: config.settings.request_stream_usage,
             forward_after_body: config.settings.forward_after_body,
+            hold_timeout_ms: config.settings.hold_timeout_ms,
         })
     }
 
@@ -193,26 +250,72 @@ impl Policy {
     }
 
     /// Chooses rule and provider for a request, given all its headers (`:authority` among
-    /// them). Pure: the only outside input is the random source.
+    /// them). Pure: the only outside input is the random source. `NeedsModel` when a rule that
+    /// matches on the body's model comes before any rule the headers alone decide.
     pub fn decide(&self, headers: &[(String, Vec<u8>)], rng: &mut impl RandomSource) -> Decision {
+        self.route(headers, None, rng)
+    }
+
+    /// `decide` once the body is read: `model` is its `model` (`None` if it names none).
+    pub fn decide_with_model(
+        &self,
+        headers: &[(String, Vec<u8>)],
+        model: Option<&[u8]>,
+        rng: &mut impl RandomSource,
+    ) -> Decision {
+        self.route(headers, Some(model), rng)
+    }
+
+    /// `model`: `None` while the body is unread.
+    fn route(
+        &self,
+        headers: &[(String, Vec<u8>)],
+        model: Option<Option<&[u8]>>,
+        rng: &mut impl RandomSource,
+    ) -> Decision {
         let Some(authority) = header(headers, ":authority") else {
             return Decision::PassThrough;
         };
-        match self.target(authority) {
-            None => Decision::PassThrough,
-            Some(HostTarget::Provider(call)) => Decision::Forward(Rc::clone(call)),
-            Some(HostTarget::Route(rules)) => match rules.iter().find(|r| r.matches(headers)) {
-                None => Decision::Reject(RequestError::RouteNotFound),
-                Some(rule) => {
-                    let index = rule.choice.choose(rng);
-                    match rule.backends.get(index) {
-                        Some(call) => Decision::Forward(Rc::clone(call)),
-                        None => Decision::Reject(RequestError::RouteNotFound),
-                    }
+        let Some(target) = self.target(authority) else {
+            return Decision::PassThrough;
+        };
+        if is_models_request(headers) {
+            if let Some(host) = normalize_authority(authority) {
+                if let Some(list) = self.model_lists.get(host.as_ref()) {
+                    return Decision::Models(Rc::clone(list));
                 }
-            },
+            }
         }
+        let rules = match target {
+            HostTarget::Provider(call) => return Decision::Forward(Rc::clone(call)),
+            HostTarget::Route(rules) => rules,
+        };
+        for rule in rules {
+            let matched = match (rule.needs_model, model) {
+                (true, None) => return Decision::NeedsModel,
+                (_, Some(model)) => rule.matches(headers, model),
+                (false, None) => rule.matches(headers, None),
+            };
+            if matched {
+                let index = rule.choice.choose(rng);
+                return match rule.backends.get(index) {
+                    Some(call) => Decision::Forward(Rc::clone(call)),
+                    None => Decision::Reject(RequestError::RouteNotFound),
+                };
+            }
+        }
+        Decision::Reject(RequestError::RouteNotFound)
     }
+}
+
+/// `GET /v1/models` (or `/models`), query ignored.
+fn is_models_request(headers: &[(String, Vec<u8>)]) -> bool {
+    if header(headers, ":method") != Some(b"GET") {
+        return false;
+    }
+    let path = header(headers, ":path").unwrap_or_default();
+    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+    path == b"/v1/models" || path == b"/models"
 }
 
 /// First value of a header.
@@ -447,8 +550,23 @@ fn compile_rule(
             })?;
             conditions.push((name.to_ascii_lowercase(), string_match));
         }
-        matches.push(HeaderConditions { conditions });
+        let model = entry
+            .model
+            .as_ref()
+            .map(|config| {
+                StringMatch::compile(config).map_err(|(sub, message)| {
+                    let path = if sub.is_empty() {
+                        field(&format!("matches[{m}].model"))
+                    } else {
+                        field(&format!("matches[{m}].model.{sub}"))
+                    };
+                    ConfigError::new(resource, path, message)
+                })
+            })
+            .transpose()?;
+        matches.push(HeaderConditions { conditions, model });
     }
+    let needs_model = matches.iter().any(|m| m.model.is_some());
 
     if rule.backend_refs.is_empty() {
         return Err(ConfigError::new(
@@ -508,6 +626,7 @@ fn compile_rule(
         matches,
         backends,
         choice,
+        needs_model,
     })
 }
 
@@ -528,6 +647,10 @@ fn provider_call(
         Some(c) => (c.model.as_deref(), c.stream, c.api_key.as_deref()),
         None => (None, None, None),
     };
+    // Checked by `check_openai_config` before any call is built.
+    let model_mapping = config
+        .and_then(|c| ModelMapping::compile(&c.model_mapping).ok())
+        .unwrap_or_default();
     Rc::new(ProviderCall {
         provider: provider.metadata.name.clone(),
         rule: rule_name.to_string(),
@@ -536,6 +659,7 @@ fn provider_call(
         model_json: model.map(|m| serde_json::Value::String(m.to_string()).to_string()),
         stream,
         authorization: api_key.map(|k| format!("Bearer {k}")),
+        model_mapping,
     })
 }
 
@@ -550,6 +674,13 @@ fn check_openai_config(
             resource,
             format!("{field}.model"),
             "must not be empty",
+        ));
+    }
+    if let Err((key, message)) = ModelMapping::compile(&config.model_mapping) {
+        return Err(ConfigError::new(
+            resource,
+            format!("{field}.modelMapping.{key}"),
+            message,
         ));
     }
     if let Some(path) = &config.api_key_file {
@@ -866,6 +997,112 @@ spec:
   rules:
 {rules}"
         )
+    }
+
+    #[test]
+    fn model_conditions_wait_for_the_body_and_combine_with_headers() {
+        let text = format!(
+            "{PROVIDER}---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {{name: q}}
+spec: {{host: q.example, path: /v1/chat/completions, configs: {{defaultConfig: {{openAIConfig: {{model: q-default, modelMapping: {{gpt-4o: q-max, 'gpt-*': q-plus}}}}}}}}}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {{name: r}}
+spec:
+  host: llm.local
+  rules:
+  - name: header-only
+    matches: [{{headers: {{x-team: {{exact: a}}}}}}]
+    backendRefs: [{{providerHost: p.example}}]
+  - name: vip-q
+    matches: [{{headers: {{user-type: {{exact: vip}}}}, model: {{prefix: q-}}}}]
+    backendRefs: [{{providerHost: q.example}}]
+  - name: by-model
+    matches: [{{model: {{regex: 'gpt-.*|q-.*'}}}}]
+    backendRefs: [{{providerHost: q.example}}]
+"
+        );
+        let policy = Policy::from_text(&text).unwrap();
+        let rng = &mut SplitMix64::new(1);
+        let headers = |extra: &[(&str, &str)]| {
+            let mut h = vec![(":authority".to_string(), b"llm.local".to_vec())];
+            h.extend(
+                extra
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+            );
+            h
+        };
+        let rule = |d: Decision| match d {
+            Decision::Forward(call) => call.rule.clone(),
+            other => format!("{other:?}"),
+        };
+        // A header-only rule before the first model rule decides at header time.
+        assert_eq!(
+            rule(policy.decide(&headers(&[("x-team", "a")]), rng)),
+            "header-only"
+        );
+        assert_eq!(policy.decide(&headers(&[]), rng), Decision::NeedsModel);
+        let with = |h: &[(&str, &str)], model: Option<&str>| {
+            rule(policy.decide_with_model(
+                &headers(h),
+                model.map(str::as_bytes),
+                &mut SplitMix64::new(1),
+            ))
+        };
+        assert_eq!(with(&[("user-type", "vip")], Some("q-long")), "vip-q");
+        assert_eq!(
+            with(&[], Some("q-long")),
+            "by-model",
+            "header and model are ANDed"
+        );
+        assert_eq!(with(&[("user-type", "vip")], Some("gpt-4o")), "by-model");
+        assert_eq!(
+            policy.decide_with_model(&headers(&[]), None, rng),
+            Decision::Reject(RequestError::RouteNotFound),
+            "no model: no model condition matches"
+        );
+
+        let mut get = headers(&[(":method", "GET"), (":path", "/v1/models?x=1")]);
+        let Decision::Models(list) = policy.decide(&get, rng) else {
+            panic!("expected the model list");
+        };
+        let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+        let ids: Vec<&str> = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec!["gpt-4o", "q-default"]);
+        get[0].1 = b"q.example".to_vec();
+        assert!(matches!(policy.decide(&get, rng), Decision::Models(_)));
+        get[1].1 = b"POST".to_vec();
+        assert!(matches!(policy.decide(&get, rng), Decision::Forward(_)));
+    }
+
+    #[test]
+    fn bad_model_conditions_and_mappings_name_their_field() {
+        let text = with_route("  - matches: [{model: {exact: a, prefix: b}}]\n    backendRefs: [{providerHost: p.example}]\n");
+        let error = Policy::from_text(&text).unwrap_err().to_string();
+        assert!(
+            error.contains("rules[0].matches[0].model: takes only one of"),
+            "{error}"
+        );
+        let text = PROVIDER.replace(
+            "spec: {",
+            "spec: {configs: {defaultConfig: {openAIConfig: {modelMapping: {'g*x': m}}}}, ",
+        );
+        let error = Policy::from_text(&text).unwrap_err().to_string();
+        assert!(
+            error.contains(
+                "configs.defaultConfig.openAIConfig.modelMapping.g*x: `*` may only end a key"
+            ),
+            "{error}"
+        );
     }
 
     #[test]

@@ -91,54 +91,97 @@ pub fn rewrite_body(
     body: &[u8],
     request_stream_usage: bool,
 ) -> Result<Rewritten, RequestError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(RequestError::EmptyBody);
-    }
-    let object = scan::top_level_object(body).map_err(|e| match e {
-        ScanError::NotAnObject => RequestError::NotAnObject,
-        ScanError::Invalid => RequestError::InvalidJson,
-    })?;
-    let top = TopLevel::new(body, &object)?;
+    Ok(ChatRequest::parse(body)?.rewrite(call, request_stream_usage))
+}
 
-    let messages = top.get("messages").ok_or(RequestError::MissingMessages)?;
-    if !messages.starts_with(b"[") {
-        return Err(RequestError::InvalidMessages);
-    }
-    let model = top.get("model");
-    if model.is_some_and(|m| !m.starts_with(b"\"")) {
-        return Err(RequestError::InvalidModel);
-    }
-    let stream = top.get_span("stream");
-    if stream.is_some_and(|s| !matches!(&body[s.0..s.1], b"true" | b"false" | b"null")) {
-        return Err(RequestError::InvalidStream);
+/// A chat request body that passed every check, with its top-level values located: what the
+/// filter routes on (its `model`) and rewrites for the chosen provider.
+pub struct ChatRequest<'a> {
+    body: &'a [u8],
+    /// Index of the opening `{`, and whether the object has no members.
+    open: usize,
+    empty: bool,
+    top: TopLevel<'a>,
+}
+
+impl<'a> ChatRequest<'a> {
+    /// Validates the whole body: a JSON object with a `messages` array, `model` a string and
+    /// `stream` a boolean (or null) when present, no top-level key twice.
+    pub fn parse(body: &'a [u8]) -> Result<ChatRequest<'a>, RequestError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(RequestError::EmptyBody);
+        }
+        let object = scan::top_level_object(body).map_err(|e| match e {
+            ScanError::NotAnObject => RequestError::NotAnObject,
+            ScanError::Invalid => RequestError::InvalidJson,
+        })?;
+        let top = TopLevel::new(body, &object)?;
+        let messages = top.get("messages").ok_or(RequestError::MissingMessages)?;
+        if !messages.starts_with(b"[") {
+            return Err(RequestError::InvalidMessages);
+        }
+        if top.get("model").is_some_and(|m| !m.starts_with(b"\"")) {
+            return Err(RequestError::InvalidModel);
+        }
+        let stream = top.get("stream");
+        if stream.is_some_and(|s| !matches!(s, b"true" | b"false" | b"null")) {
+            return Err(RequestError::InvalidStream);
+        }
+        Ok(ChatRequest {
+            body,
+            open: object.open,
+            empty: object.members.is_empty(),
+            top,
+        })
     }
 
-    let mut edits: Vec<Edit<'_>> = Vec::with_capacity(3);
-    let upstream_model: &[u8] = match call.model_json.as_deref() {
-        Some(wanted) => {
-            plan(&mut edits, body, "model", top.get_span("model"), wanted);
-            wanted.as_bytes()
-        }
-        None => model.unwrap_or(b""),
-    };
-    let streaming = match call.stream {
-        Some(wanted) => {
-            let text = if wanted { "true" } else { "false" };
-            plan(&mut edits, body, "stream", stream, text);
-            wanted
-        }
-        None => stream.is_some_and(|s| &body[s.0..s.1] == b"true"),
-    };
-    if streaming && request_stream_usage && top.get("stream_options").is_none() {
-        plan(&mut edits, body, "stream_options", None, STREAM_USAGE);
+    /// The client's `model`, decoded (`None` if it names none, or names one that is not valid
+    /// Unicode, e.g. a lone surrogate escape).
+    pub fn model(&self) -> Option<String> {
+        serde_json::from_slice(self.top.get("model")?).ok()
     }
-    let new_body = (!edits.is_empty())
-        .then(|| apply(body, object.open, object.members.is_empty(), &mut edits));
-    Ok(Rewritten {
-        body: new_body,
-        model: serde_json::from_slice(upstream_model).ok(),
-        stream: streaming,
-    })
+
+    /// The body for `call`: the upstream model is the `modelMapping` entry for the client's
+    /// model if one applies, else the configured `model`, else the client's own.
+    pub fn rewrite(&self, call: &ProviderCall, request_stream_usage: bool) -> Rewritten {
+        let body = self.body;
+        let top = &self.top;
+        let mut edits: Vec<Edit<'_>> = Vec::with_capacity(3);
+        let mapped = if call.model_mapping.is_empty() {
+            None
+        } else {
+            self.model()
+                .and_then(|model| call.model_mapping.lookup(&model))
+        };
+        let wanted = mapped
+            .map(|target| target.json.as_str())
+            .or(call.model_json.as_deref());
+        let upstream_model: &[u8] = match wanted {
+            Some(wanted) => {
+                plan(&mut edits, body, "model", top.get_span("model"), wanted);
+                wanted.as_bytes()
+            }
+            None => top.get("model").unwrap_or(b""),
+        };
+        let stream = top.get_span("stream");
+        let streaming = match call.stream {
+            Some(wanted) => {
+                let text = if wanted { "true" } else { "false" };
+                plan(&mut edits, body, "stream", stream, text);
+                wanted
+            }
+            None => stream.is_some_and(|s| &body[s.0..s.1] == b"true"),
+        };
+        if streaming && request_stream_usage && top.get("stream_options").is_none() {
+            plan(&mut edits, body, "stream_options", None, STREAM_USAGE);
+        }
+        let new_body = (!edits.is_empty()).then(|| apply(body, self.open, self.empty, &mut edits));
+        Rewritten {
+            body: new_body,
+            model: serde_json::from_slice(upstream_model).ok(),
+            stream: streaming,
+        }
+    }
 }
 
 /// What a streamed request gets so the provider reports usage in its last event.
@@ -264,6 +307,7 @@ mod tests {
             model_json: model.map(|m| serde_json::Value::String(m.into()).to_string()),
             stream,
             authorization: key.map(|k| format!("Bearer {k}")),
+            model_mapping: Default::default(),
         }
     }
 
@@ -373,6 +417,50 @@ mod tests {
                 r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#
             )
         );
+    }
+
+    #[test]
+    fn model_mapping_decides_over_the_configured_model() {
+        let mut c = call(Some("fallback-model"), None, None);
+        c.model_mapping = crate::models::ModelMapping::compile(
+            &[("gpt-4o", "qwen-max"), ("gpt-*", "qwen-plus")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+        .unwrap();
+        let model_of = |body: &str| {
+            let out = rewrite_body(&c, body.as_bytes(), false).unwrap();
+            let sent = out.body.unwrap_or_else(|| body.as_bytes().to_vec());
+            let sent: serde_json::Value = serde_json::from_slice(&sent).unwrap();
+            assert_eq!(out.model.as_deref(), sent["model"].as_str());
+            out.model
+        };
+        assert_eq!(
+            model_of(r#"{"messages":[],"model":"gpt-4o"}"#).as_deref(),
+            Some("qwen-max")
+        );
+        assert_eq!(
+            model_of(r#"{"messages":[],"model":"gpt-\u0034"}"#).as_deref(),
+            Some("qwen-plus")
+        );
+        assert_eq!(
+            model_of(r#"{"messages":[],"model":"claude"}"#).as_deref(),
+            Some("fallback-model")
+        );
+        assert_eq!(
+            model_of(r#"{"messages":[]}"#).as_deref(),
+            Some("fallback-model")
+        );
+
+        let mut keep = call(None, None, None);
+        keep.model_mapping = c.model_mapping.clone();
+        let out = rewrite_body(&keep, br#"{"messages":[],"model":"claude"}"#, false).unwrap();
+        assert_eq!(
+            out.body, None,
+            "no key applies and no model configured: kept"
+        );
+        assert_eq!(out.model.as_deref(), Some("claude"));
     }
 
     #[test]

@@ -44,6 +44,7 @@ fn call(model: Option<&str>, stream: Option<bool>) -> ProviderCall {
         model_json: model.map(|m| Value::String(m.into()).to_string()),
         stream,
         authorization: Some("Bearer sk-test".into()),
+        model_mapping: Default::default(),
     }
 }
 
