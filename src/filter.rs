@@ -23,7 +23,7 @@ use crate::balancer::SplitMix64;
 use crate::error::RequestError;
 use crate::metrics::{series, status_class, Metric};
 use crate::policy::{self, Decision, Policy, ProviderCall};
-use crate::rewrite::{header_changes, rewrite_body, rewrite_headers};
+use crate::rewrite::{header_changes, rewrite_headers, ChatRequest};
 use crate::usage::{Report, ResponseObserver};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -42,6 +42,30 @@ struct LlmRoot {
     policy: Option<Rc<Policy>>,
     rng: Rc<RefCell<SplitMix64>>,
     metrics: Rc<Metrics>,
+    /// The missing-Envoy-setting error for model routing has been logged (once per VM).
+    model_routing_warned: Rc<Cell<bool>>,
+    waiting: Rc<Waiting>,
+}
+
+/// Requests whose headers the filter holds and for which Envoy has delivered no body yet. If
+/// Envoy lacks `allow_on_headers_stop_iteration`, it never will: the root's timer answers them
+/// with a 500 that names the setting, instead of letting them hang.
+#[derive(Default)]
+struct Waiting {
+    /// Timer ticks since the configuration was loaded.
+    ticks: Cell<u64>,
+    /// Context id → tick at which its headers were held.
+    since: RefCell<HashMap<u32, u64>>,
+    warned: Cell<bool>,
+}
+
+/// How often the root checks `Waiting`, and after how many ticks a request has waited too long.
+fn hold_timer(hold_timeout_ms: u64) -> (std::time::Duration, u64) {
+    let period_ms = (hold_timeout_ms / 4).clamp(50, 1000);
+    (
+        std::time::Duration::from_millis(period_ms),
+        hold_timeout_ms.div_ceil(period_ms).max(1),
+    )
 }
 
 impl Default for LlmRoot {
@@ -50,6 +74,8 @@ impl Default for LlmRoot {
             policy: None,
             rng: Rc::new(RefCell::new(SplitMix64::new(0))),
             metrics: Rc::new(Metrics::default()),
+            model_routing_warned: Rc::new(Cell::new(false)),
+            waiting: Rc::new(Waiting::default()),
         }
     }
 }
@@ -195,6 +221,12 @@ impl RootContext for LlmRoot {
         match Policy::from_text(text) {
             Ok(policy) => {
                 info!("llm-filter: configuration accepted");
+                if policy.forward_after_body {
+                    let (period, _) = hold_timer(policy.hold_timeout_ms);
+                    if let Err(status) = hostcalls::set_tick_period(period) {
+                        warn!("llm-filter: cannot start the hold timer: {status:?}");
+                    }
+                }
                 self.policy = Some(Rc::new(policy));
                 true
             }
@@ -214,12 +246,52 @@ impl RootContext for LlmRoot {
             policy,
             rng: Rc::clone(&self.rng),
             metrics: Rc::clone(&self.metrics),
+            model_routing_warned: Rc::clone(&self.model_routing_warned),
+            waiting: Rc::clone(&self.waiting),
             state: State::PassThrough,
         }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+
+    fn on_tick(&mut self) {
+        let Some(policy) = &self.policy else {
+            return;
+        };
+        let (_, limit) = hold_timer(policy.hold_timeout_ms);
+        let waiting = &self.waiting;
+        let now = waiting.ticks.get() + 1;
+        waiting.ticks.set(now);
+        let expired: Vec<u32> = waiting
+            .since
+            .borrow()
+            .iter()
+            .filter(|(_, since)| now.saturating_sub(**since) >= limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            waiting.since.borrow_mut().remove(&id);
+            if !waiting.warned.replace(true) {
+                error!(
+                    "llm-filter: Envoy delivered no request body while the filter held the \
+                     headers (settings.forwardAfterBody): set allow_on_headers_stop_iteration: \
+                     true on the wasm filter; such requests get a 500"
+                );
+            }
+            let error = RequestError::BodyNotDelivered;
+            let answered = hostcalls::set_effective_context(id).and_then(|()| {
+                hostcalls::send_http_response(
+                    error.status(),
+                    vec![("content-type", "application/json")],
+                    Some(error.body().as_bytes()),
+                )
+            });
+            if let Err(status) = answered {
+                debug!("#{id} llm-filter: cannot answer a held request: {status:?}");
+            }
+        }
     }
 }
 
@@ -237,18 +309,26 @@ fn seed() -> u64 {
 enum State {
     /// Not an LLM request, or answered locally.
     PassThrough,
-    /// Routed, waiting for the whole body to rewrite it for this call. `held`: the rewritten
-    /// headers, not yet given back to Envoy (`settings.forwardAfterBody`); `None` when they
-    /// already went on at header time.
-    Buffering {
-        call: Rc<ProviderCall>,
-        held: Option<HeldHeaders>,
-    },
+    /// Waiting for the whole body.
+    Buffering(Pending),
     /// Sent to the provider: the response is watched for model, usage and timing.
     Forwarded(Box<Upstream>),
 }
 
 type Headers = Vec<(String, Vec<u8>)>;
+
+/// What a buffering request still needs.
+enum Pending {
+    /// Routed to `call`; the body is rewritten for it. `held`: the rewritten headers, not yet
+    /// given back to Envoy (`settings.forwardAfterBody`); `None` when they already went on at
+    /// header time.
+    Routed {
+        call: Rc<ProviderCall>,
+        held: Option<HeldHeaders>,
+    },
+    /// A rule matches on the body's model: routed once the body is read. The headers wait.
+    Unrouted { headers: Headers },
+}
 
 /// The request headers as Envoy has them and as they should go upstream.
 struct HeldHeaders {
@@ -343,6 +423,8 @@ struct LlmHttp {
     policy: Rc<Policy>,
     rng: Rc<RefCell<SplitMix64>>,
     metrics: Rc<Metrics>,
+    model_routing_warned: Rc<Cell<bool>>,
+    waiting: Rc<Waiting>,
     state: State,
 }
 
@@ -393,12 +475,7 @@ impl LlmHttp {
     }
 
     /// Rewrites the complete buffered body for the chosen provider; gives back held headers.
-    fn finish_body(
-        &mut self,
-        call: Rc<ProviderCall>,
-        held: Option<HeldHeaders>,
-        body_size: usize,
-    ) -> Action {
+    fn finish_body(&mut self, pending: Pending, body_size: usize) -> Action {
         let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
             Ok(body) => body.unwrap_or_default(),
             Err(status) => {
@@ -409,10 +486,39 @@ impl LlmHttp {
                 return self.reject(RequestError::InvalidJson);
             }
         };
-        let rewritten = match rewrite_body(&call, &body, self.policy.request_stream_usage) {
-            Ok(rewritten) => rewritten,
+        let request = match ChatRequest::parse(&body) {
+            Ok(request) => request,
             Err(error) => return self.reject(error),
         };
+        let (call, held) = match pending {
+            Pending::Routed { call, held } => (call, held),
+            Pending::Unrouted { headers } => {
+                let model = request.model();
+                let decision = self.policy.decide_with_model(
+                    &headers,
+                    model.as_deref().map(str::as_bytes),
+                    &mut *self.rng.borrow_mut(),
+                );
+                match decision {
+                    Decision::Forward(call) => {
+                        debug!(
+                            "#{} llm-filter: by model {model:?}: provider {} rule {:?}",
+                            self.context_id, call.provider, call.rule
+                        );
+                        let mut after = headers.clone();
+                        rewrite_headers(&call, &mut after);
+                        let held = HeldHeaders {
+                            before: headers,
+                            after,
+                        };
+                        (call, Some(held))
+                    }
+                    Decision::Reject(error) => return self.reject(error),
+                    _ => return self.reject(RequestError::RouteNotFound),
+                }
+            }
+        };
+        let rewritten = request.rewrite(&call, self.policy.request_stream_usage);
         if let Some(HeldHeaders { before, mut after }) = held {
             // The whole body is known: send its exact length, never a chunked framing.
             let length = rewritten.body.as_ref().map_or(body.len(), Vec::len);
@@ -454,9 +560,24 @@ impl LlmHttp {
 }
 
 impl LlmHttp {
+    /// The headers wait for the body: watched by the root's timer until a body arrives.
+    fn hold(&self) {
+        let tick = self.waiting.ticks.get();
+        self.waiting
+            .since
+            .borrow_mut()
+            .insert(self.context_id, tick);
+    }
+
+    fn release(&self) {
+        if !self.waiting.since.borrow().is_empty() {
+            self.waiting.since.borrow_mut().remove(&self.context_id);
+        }
+    }
+
     fn take_buffered_and_finish(&mut self, body_size: usize) -> Action {
         match std::mem::replace(&mut self.state, State::PassThrough) {
-            State::Buffering { call, held } => self.finish_body(call, held, body_size),
+            State::Buffering(pending) => self.finish_body(pending, body_size),
             other => {
                 self.state = other;
                 Action::Continue
@@ -499,26 +620,60 @@ impl HttpContext for LlmHttp {
                 if self.policy.forward_after_body {
                     // Envoy's `allow_on_headers_stop_iteration` lets the body arrive while the
                     // headers wait; they go on, with the exact length, once the body is good.
-                    self.state = State::Buffering {
-                        call,
-                        held: Some(HeldHeaders {
-                            before: headers,
-                            after,
-                        }),
+                    let held = HeldHeaders {
+                        before: headers,
+                        after,
                     };
+                    self.state = State::Buffering(Pending::Routed {
+                        call,
+                        held: Some(held),
+                    });
+                    self.hold();
                     return Action::Pause;
                 }
                 write_request_headers(self.context_id, &headers, &after);
-                self.state = State::Buffering { call, held: None };
+                self.state = State::Buffering(Pending::Routed { call, held: None });
                 Action::Continue
+            }
+            Decision::NeedsModel if !self.policy.forward_after_body => {
+                if !self.model_routing_warned.replace(true) {
+                    error!(
+                        "llm-filter: a route matches on the request's model, but the headers \
+                         cannot wait for the body: set allow_on_headers_stop_iteration: true on \
+                         the wasm filter and settings.forwardAfterBody: true (llm-filter render \
+                         envoy sets both); such requests get a 500 until then"
+                    );
+                }
+                self.reject(RequestError::ModelRoutingUnavailable)
+            }
+            Decision::NeedsModel if end_of_stream => self.reject(RequestError::EmptyBody),
+            Decision::NeedsModel => {
+                self.state = State::Buffering(Pending::Unrouted { headers });
+                self.hold();
+                Action::Pause
+            }
+            Decision::Models(list) => {
+                self.state = State::PassThrough;
+                if let Err(status) = hostcalls::send_http_response(
+                    200,
+                    vec![("content-type", "application/json")],
+                    Some(list.as_bytes()),
+                ) {
+                    error!(
+                        "#{} llm-filter: cannot send the model list: {status:?}",
+                        self.context_id
+                    );
+                }
+                Action::Pause
             }
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if !matches!(self.state, State::Buffering { .. }) {
+        if !matches!(self.state, State::Buffering(_)) {
             return Action::Continue;
         }
+        self.release();
         if body_size as u64 > self.policy.max_request_body_bytes {
             return self.reject(RequestError::BodyTooLarge);
         }
@@ -573,6 +728,7 @@ impl HttpContext for LlmHttp {
     }
 
     fn on_log(&mut self) {
+        self.release();
         // The answer was cut short (reset, timeout): count it with what was seen.
         if let State::Forwarded(upstream) = &mut self.state {
             upstream.complete(&self.metrics);
@@ -582,9 +738,10 @@ impl HttpContext for LlmHttp {
 
     fn on_http_request_trailers(&mut self, _: usize) -> Action {
         // A body that ends with trailers never sees end_of_stream in the body callback.
-        if !matches!(self.state, State::Buffering { .. }) {
+        if !matches!(self.state, State::Buffering(_)) {
             return Action::Continue;
         }
+        self.release();
         self.take_buffered_and_finish(usize::MAX)
     }
 }
