@@ -272,10 +272,13 @@ pub fn assert_openai_error(resp: &Resp, status: u16, code: &str) {
         resp.header("content-type")
     );
     let j = resp.json();
-    assert_eq!(
-        j["error"]["type"], "invalid_request_error",
-        "error body: {j}"
-    );
+    // The gateway's own misconfiguration (5xx) is a server error, everything else the client's.
+    let kind = if status >= 500 {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    assert_eq!(j["error"]["type"], kind, "error body: {j}");
     assert_eq!(j["error"]["code"], code, "error body: {j}");
     assert!(
         j["error"]["message"]

@@ -112,6 +112,12 @@ spec:
                             description: File Envoy injects as the key (credential_injector on the provider's cluster); the filter never sees it.
                             type: string
                             pattern: '^/'
+                          modelMapping:
+                            description: The client's model to this provider's; keys are names, prefix* or *, the most specific applies.
+                            type: object
+                            additionalProperties:
+                              type: string
+                              pattern: '\S'
                   routeSpecificConfigs:
                     description: Keyed by LLMRoute rule name; replaces defaultConfig whole.
                     type: object
@@ -135,6 +141,11 @@ spec:
                             apiKeyFile:
                               type: string
                               pattern: '^/'
+                            modelMapping:
+                              type: object
+                              additionalProperties:
+                                type: string
+                                pattern: '\S'
 ---
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -226,6 +237,19 @@ spec:
                                   type: string
                                 regex:
                                   type: string
+                          model:
+                            description: A match on the request body's model (exactly one of
+                              exact, prefix or regex); a request naming no model does not match.
+                            type: object
+                            minProperties: 1
+                            maxProperties: 1
+                            properties:
+                              exact:
+                                type: string
+                              prefix:
+                                type: string
+                              regex:
+                                type: string
                     backendRefs:
                       description: One is chosen at random in proportion to weight.
                       type: array
