@@ -27,7 +27,9 @@
 # (some of 1KB,64KB,1MB; default all).
 # Output: one Markdown table on stdout and .work/bench/results.json; logs in .work/bench/run/.
 # Environment: BENCH_WASM=path measures that .wasm instead of building this tree's (to compare
-# a variant), BENCH_RESULTS=path writes the JSON there instead.
+# a variant), BENCH_RESULTS=path writes the JSON there instead, BENCH_MODEL_ROUTED=1 sends the
+# chat cases through an LLMRoute rule that matches the body's model (routing at body time),
+# BENCH_HOLD_HEADERS=0 lets the headers go at once (the Istio WasmPlugin way).
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -165,14 +167,17 @@ sed 's/"stream":false/"stream":true/' "$RUN/body-1KB.json" >"$RUN/body-stream.js
 # LiteLLM picks the deployment by model name; the streaming one points at the SSE server.
 sed 's/"gpt-4o-mini"/"bench-stream"/' "$RUN/body-stream.json" >"$RUN/body-stream-litellm.json"
 
-# The provider configuration the filter runs: every rewrite it can do, on every request.
+# The provider configuration the filter runs: every rewrite it can do, on every request. With
+# BENCH_MODEL_ROUTED=1 the chat host is an LLMRoute whose rule matches the body's model.
+CHAT_PROVIDER_HOST=$LLM_HOST
+[ "${BENCH_MODEL_ROUTED:-0}" = 1 ] && CHAT_PROVIDER_HOST=chat.provider.bench.local
 cat >"$RUN/manifests.yaml" <<EOF
 apiVersion: istio.alibabacloud.com/v1beta1
 kind: LLMProvider
 metadata:
   name: bench-chat
 spec:
-  host: $LLM_HOST
+  host: $CHAT_PROVIDER_HOST
   path: /compatible-mode/v1/chat/completions
   configs:
     defaultConfig:
@@ -203,6 +208,21 @@ EOF
 # As `llm-filter render envoy` ships it: headers held until the body is checked (with Envoy's
 # allow_on_headers_stop_iteration below). BENCH_HOLD_HEADERS=0 measures the Istio WasmPlugin
 # way instead (headers go on at once, the body is rewritten on its own).
+if [ "${BENCH_MODEL_ROUTED:-0}" = 1 ]; then
+    cat >>"$RUN/manifests.yaml" <<EOF
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata:
+  name: bench-models
+spec:
+  host: $LLM_HOST
+  rules:
+  - name: by-model
+    matches: [{model: {prefix: gpt-}}]
+    backendRefs: [{providerHost: $CHAT_PROVIDER_HOST}]
+EOF
+fi
 if [ "${BENCH_HOLD_HEADERS:-1}" = 1 ]; then
     printf -- '---\nsettings: { forwardAfterBody: true }\n' >>"$RUN/manifests.yaml"
     ALLOW_STOP=true
@@ -232,7 +252,7 @@ static_resources:
             name: bench
             virtual_hosts:
             - name: providers
-              domains: [$LLM_HOST, "$LLM_HOST:*", $STREAM_HOST, "$STREAM_HOST:*", $VERIFY_HOST, "$VERIFY_HOST:*"]
+              domains: [$LLM_HOST, "$LLM_HOST:*", chat.provider.bench.local, $STREAM_HOST, "$STREAM_HOST:*", $VERIFY_HOST, "$VERIFY_HOST:*"]
               routes:
               - match: { prefix: / }
                 route: { cluster: upstream, timeout: 300s, idle_timeout: 0s }
@@ -599,7 +619,7 @@ meta = {
     "envoy": "$ENVOY_VERSION_STRING", "rounds": $ROUNDS, "duration_s": $DURATION,
     "streaming_runs": $TTFE_RUNS, "memory_requests": $MEM_REQUESTS, "cores": "$CORES_NOTE",
     "upstream": "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (echo module for the stream), plain HTTP",
-    "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
+    "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "model_routed": ${BENCH_MODEL_ROUTED:-0}, "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
     "litellm": "$LITELLM_VERSION", "litellm_note": "$LITELLM_NOTE",
 }
 med = statistics.median
