@@ -175,6 +175,104 @@ fn route_gateways(route: &RouteManifest) -> Result<Vec<GatewayRef>, String> {
     Ok(out)
 }
 
+/// Where the `EnvoyFilter` form expects the module inside the `istio-proxy` container.
+pub const MOUNTED_WASM: &str = "/var/local/lib/wasm/llm_filter.wasm";
+
+/// Whether some LLMRoute rule matches on the body's model.
+fn routes_by_model(config: &FilterConfig) -> bool {
+    config.routes.iter().any(|route| {
+        route
+            .spec
+            .rules
+            .iter()
+            .any(|rule| rule.matches.iter().any(|m| m.model.is_some()))
+    })
+}
+
+/// Routing on the model needs the wasm filter's `allow_on_headers_stop_iteration`, which a
+/// WasmPlugin cannot set: the filter goes in through an EnvoyFilter instead (before the router,
+/// so after Istio's authentication and authorization filters), with the module mounted into
+/// the proxy at `MOUNTED_WASM` and `settings.forwardAfterBody` on.
+fn model_routing_envoy_filter(
+    config: &FilterConfig,
+    name: &str,
+    selection: &Selection,
+    mut comments: Vec<String>,
+) -> Document {
+    comments.retain(|c| !c.starts_with("The filter, with the whole configuration"));
+    comments.insert(
+        0,
+        format!(
+            "An LLMRoute matches on the request's model, which needs the body before routing: \
+             a WasmPlugin cannot let the filter hold the headers, so the filter is inserted by \
+             this EnvoyFilter (allow_on_headers_stop_iteration, settings.forwardAfterBody). \
+             Mount the module at {MOUNTED_WASM} in the istio-proxy container (see the README)."
+        ),
+    );
+    let mut embedded = config.clone();
+    embedded.settings.forward_after_body = true;
+    let configuration = embedded.to_bundle_json().to_string();
+    let mut vm_config = json!({
+        "vm_id": PLUGIN_NAME,
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": MOUNTED_WASM}},
+    });
+    let env_keys = config.api_key_env_names();
+    if !env_keys.is_empty() {
+        vm_config["environment_variables"] = json!({ "host_env_keys": env_keys });
+    }
+    let filter = json!({
+        "name": "llm-filter",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": PLUGIN_NAME,
+                "root_id": PLUGIN_NAME,
+                "allow_on_headers_stop_iteration": true,
+                "fail_open": false,
+                "vm_config": vm_config,
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": configuration,
+                },
+            },
+        },
+    });
+    let patches: Vec<Value> = ["SIDECAR_OUTBOUND", "GATEWAY"]
+        .iter()
+        .map(|context| {
+            json!({
+                "applyTo": "HTTP_FILTER",
+                "match": {
+                    "context": context,
+                    "listener": {"filterChain": {"filter": {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "subFilter": {"name": "envoy.filters.http.router"},
+                    }}},
+                },
+                "patch": {"operation": "INSERT_BEFORE", "value": filter},
+            })
+        })
+        .collect();
+    let mut spec = json!({ "configPatches": patches });
+    if !selection.labels.is_empty() {
+        spec["workloadSelector"] = json!({ "labels": selection.labels });
+    }
+    Document {
+        comments,
+        resource: json!({
+            "apiVersion": "networking.istio.io/v1alpha3",
+            "kind": "EnvoyFilter",
+            "metadata": {
+                "name": name,
+                "namespace": selection.namespace,
+                "labels": {"app.kubernetes.io/managed-by": "llm-filter"},
+            },
+            "spec": spec,
+        }),
+    }
+}
+
 fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Document>, String> {
     let mut selections: BTreeMap<Selection, Reasons> = BTreeMap::new();
     for provider in &config.providers {
@@ -294,6 +392,12 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
              out unrewritten."
                 .to_string(),
         );
+        if routes_by_model(config) {
+            documents.push(model_routing_envoy_filter(
+                config, &name, selection, comments,
+            ));
+            continue;
+        }
         let mut spec = json!({
             "url": options.wasm_url.trim(),
             "pluginName": PLUGIN_NAME,
@@ -857,6 +961,43 @@ spec:
             error.contains("LLMProvider default/a: openAIConfig.apiKeyFile"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn model_routes_get_an_envoy_filter_that_lets_headers_wait() {
+        let text = provider("a", "default", "a.example", "app: x")
+            + "---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: r, namespace: default}
+spec:
+  host: chat.example
+  rules:
+  - matches: [{model: {prefix: gpt-}}]
+    backendRefs: [{providerHost: a.example}]
+";
+        let docs = documents(&text);
+        assert!(of_kind(&docs, "WasmPlugin").is_empty());
+        let filters = of_kind(&docs, "EnvoyFilter");
+        assert_eq!(filters.len(), 1);
+        let spec = &filters[0]["spec"];
+        assert_eq!(spec["workloadSelector"]["labels"]["app"], "x");
+        let contexts: Vec<&str> = spec["configPatches"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| p["match"]["context"].as_str().unwrap())
+            .collect();
+        assert_eq!(contexts, ["SIDECAR_OUTBOUND", "GATEWAY"]);
+        let config = &spec["configPatches"][0]["patch"]["value"]["typed_config"]["config"];
+        assert_eq!(config["allow_on_headers_stop_iteration"], true);
+        assert_eq!(
+            config["vm_config"]["code"]["local"]["filename"],
+            MOUNTED_WASM
+        );
+        let embedded = config["configuration"]["value"].as_str().unwrap();
+        let policy = llm_filter::policy::Policy::from_text(embedded).unwrap();
+        assert!(policy.forward_after_body);
     }
 
     #[test]
