@@ -29,7 +29,8 @@
 # Environment: BENCH_WASM=path measures that .wasm instead of building this tree's (to compare
 # a variant), BENCH_RESULTS=path writes the JSON there instead, BENCH_MODEL_ROUTED=1 sends the
 # chat cases through an LLMRoute rule that matches the body's model (routing at body time),
-# BENCH_HOLD_HEADERS=0 lets the headers go at once (the Istio WasmPlugin way).
+# BENCH_HOLD_HEADERS=0 lets the headers go at once (the Istio WasmPlugin way), BENCH_APM=1
+# puts Envoy's AI Protocol Manager (which buffers the whole body first) before the filter.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -258,6 +259,13 @@ static_resources:
                 route: { cluster: upstream, timeout: 300s, idle_timeout: 0s }
           http_filters:
 EOF
+    if [ "$with_filter" = 1 ] && [ "${BENCH_APM:-0}" = 1 ]; then
+        cat <<EOF
+          - name: envoy.filters.http.ai_protocol_manager
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.ai_protocol_manager.v3.AiProtocolManager
+EOF
+    fi
     if [ "$with_filter" = 1 ]; then
         cat <<EOF
           - name: envoy.filters.http.wasm
@@ -619,7 +627,7 @@ meta = {
     "envoy": "$ENVOY_VERSION_STRING", "rounds": $ROUNDS, "duration_s": $DURATION,
     "streaming_runs": $TTFE_RUNS, "memory_requests": $MEM_REQUESTS, "cores": "$CORES_NOTE",
     "upstream": "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (echo module for the stream), plain HTTP",
-    "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "model_routed": ${BENCH_MODEL_ROUTED:-0}, "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
+    "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "model_routed": ${BENCH_MODEL_ROUTED:-0}, "apm": ${BENCH_APM:-0}, "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
     "litellm": "$LITELLM_VERSION", "litellm_note": "$LITELLM_NOTE",
 }
 med = statistics.median
