@@ -356,38 +356,22 @@ impl FilterConfig {
             })
     }
 
-    /// Moves the value of each `apiKeyFromEnv` variable into `apiKey`, as the filter does when
-    /// it loads its configuration (`lookup` is its Wasm VM's environment). A variable that is
-    /// not set, or a config with both fields, is an error naming the field, never a value.
-    pub fn resolve_env_api_keys(
+    /// Calls `edit(field, config)` on every `openAIConfig` of every provider; each error it
+    /// returns (field suffix, message) is reported against that provider and field.
+    fn edit_openai_configs(
         &mut self,
-        lookup: impl Fn(&str) -> Option<String>,
+        mut edit: impl FnMut(&mut OpenAIConfig) -> Option<(&'static str, String)>,
     ) -> Result<(), crate::error::ConfigErrors> {
         let mut errors = Vec::new();
         for provider in &mut self.providers {
             let resource = provider.resource_name();
             for (field, config) in FilterConfig::openai_configs_mut(provider) {
-                let Some(name) = config.api_key_from_env.take() else {
-                    continue;
-                };
-                if let Err(message) = check_api_key_source(config.api_key.as_deref(), &name) {
+                if let Some((suffix, message)) = edit(config) {
                     errors.push(ConfigError::new(
                         &resource,
-                        format!("{field}.apiKeyFromEnv"),
+                        format!("{field}.{suffix}"),
                         message,
                     ));
-                    continue;
-                }
-                match lookup(&name).filter(|v| !v.is_empty()) {
-                    Some(value) => config.api_key = Some(value),
-                    None => errors.push(ConfigError::new(
-                        &resource,
-                        format!("{field}.apiKeyFromEnv"),
-                        format!(
-                            "environment variable {name:?} is not set in the proxy's Wasm VM \
-                             (Envoy: vm_config.environment_variables; Istio: WasmPlugin vmConfig.env)"
-                        ),
-                    )),
                 }
             }
         }
@@ -396,6 +380,34 @@ impl FilterConfig {
         } else {
             Err(crate::error::ConfigErrors(errors))
         }
+    }
+
+    /// Moves the value of each `apiKeyFromEnv` variable into `apiKey`, as the filter does when
+    /// it loads its configuration (`lookup` is its Wasm VM's environment). A variable that is
+    /// not set, or a config with both fields, is an error naming the field, never a value.
+    pub fn resolve_env_api_keys(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), crate::error::ConfigErrors> {
+        self.edit_openai_configs(|config| {
+            let name = config.api_key_from_env.take()?;
+            if let Err(message) = check_api_key_source(config.api_key.as_deref(), &name) {
+                return Some(("apiKeyFromEnv", message));
+            }
+            match lookup(&name).filter(|v| !v.is_empty()) {
+                Some(value) => {
+                    config.api_key = Some(value);
+                    None
+                }
+                None => Some((
+                    "apiKeyFromEnv",
+                    format!(
+                        "environment variable {name:?} is not set in the proxy's Wasm VM \
+                         (Envoy: vm_config.environment_variables; Istio: WasmPlugin vmConfig.env)"
+                    ),
+                )),
+            }
+        })
     }
 
     /// The `apiKeyFile` of a provider (every config of a provider that uses one names the same
@@ -436,28 +448,19 @@ impl FilterConfig {
         &mut self,
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<(), crate::error::ConfigErrors> {
-        let mut errors = Vec::new();
-        for provider in &mut self.providers {
-            let resource = provider.resource_name();
-            for (field, config) in FilterConfig::openai_configs_mut(provider) {
-                let Some(key) = config.api_key.as_mut() else {
-                    continue;
-                };
-                match expand(key, &lookup) {
-                    Ok(expanded) => *key = expanded,
-                    Err(name) => errors.push(ConfigError::new(
-                        &resource,
-                        format!("{field}.apiKey"),
-                        format!("environment variable {name:?} is not set"),
-                    )),
+        self.edit_openai_configs(|config| {
+            let key = config.api_key.as_mut()?;
+            match expand(key, &lookup) {
+                Ok(expanded) => {
+                    *key = expanded;
+                    None
                 }
+                Err(name) => Some((
+                    "apiKey",
+                    format!("environment variable {name:?} is not set"),
+                )),
             }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(crate::error::ConfigErrors(errors))
-        }
+        })
     }
 
     fn add_manifest_of(&mut self, value: Value, expected_kind: &str) -> Result<(), ConfigError> {

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use support::client::{Req, SEED_BODY};
@@ -40,32 +39,11 @@ spec:
     - providerHost: dashscope.aliyuncs.com
 ";
 
-/// `llm-filter render envoy` of `manifests`, the provider host pointed at `provider`.
+/// `llm-filter render envoy` of `manifests`, the provider host pointed at `provider`. The key
+/// variable is not in this process's environment, so the bootstrap cannot hold its value.
 fn render(provider: &MockServer, manifests: &str) -> String {
-    let dir = support::envoy::temp_dir("keys-manifests");
-    let file = dir.join("llm.yaml");
-    std::fs::write(&file, manifests).unwrap();
-    let (_, ca) = pki();
-    let out = Command::new(env!("CARGO_BIN_EXE_llm-filter"))
-        .current_dir(repo())
-        .args(["render", "envoy"])
-        .arg(&file)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .arg("--wasm")
-        .arg(wasm())
-        .arg("--ca")
-        .arg(ca)
-        .arg("--endpoint")
-        .arg(format!("{DASHSCOPE}={}", provider.addr()))
-        .env_remove(KEY_ENV)
-        .output()
-        .expect("run llm-filter");
-    assert!(
-        out.status.success(),
-        "render envoy failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    assert!(std::env::var_os(KEY_ENV).is_none());
+    render_envoy("keys-manifests", manifests, &[(DASHSCOPE, provider.addr())])
 }
 
 fn assert_no_key(what: &str, text: &str) {

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use support::client::Req;
@@ -72,31 +71,11 @@ struct Models {
 }
 
 fn rendered(provider: &MockServer) -> String {
-    let dir = support::envoy::temp_dir("models-manifests");
-    let file = dir.join("llm.yaml");
-    std::fs::write(&file, MANIFESTS).unwrap();
-    let (_, ca) = pki();
-    let out = Command::new(env!("CARGO_BIN_EXE_llm-filter"))
-        .current_dir(repo())
-        .args(["render", "envoy"])
-        .arg(&file)
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .arg("--wasm")
-        .arg(wasm())
-        .arg("--ca")
-        .arg(ca)
-        .arg("--endpoint")
-        .arg(format!("{DASHSCOPE}={}", provider.addr()))
-        .arg("--endpoint")
-        .arg(format!("{MOONSHOT}={}", provider.addr()))
-        .output()
-        .expect("run llm-filter");
-    assert!(
-        out.status.success(),
-        "render envoy failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    render_envoy(
+        "models-manifests",
+        MANIFESTS,
+        &[(DASHSCOPE, provider.addr()), (MOONSHOT, provider.addr())],
+    )
 }
 
 fn start() -> Models {

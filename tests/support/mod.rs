@@ -227,6 +227,43 @@ impl StackBuilder {
     }
 }
 
+/// `llm-filter render envoy` of `manifests` (written to a file of its own), listening on free
+/// ports, with the release wasm, the test CA, and each `(provider host, address)` of
+/// `endpoints` as an `--endpoint`. Variables named by `${NAME}` or `apiKeyFromEnv` are left to
+/// the caller's environment.
+pub fn render_envoy(
+    label: &str,
+    manifests: &str,
+    endpoints: &[(&str, std::net::SocketAddr)],
+) -> String {
+    let dir = envoy::temp_dir(label);
+    let file = dir.join("llm.yaml");
+    std::fs::write(&file, manifests).expect("write the manifests");
+    let (_, ca) = pki();
+    let out = Command::new(env!("CARGO_BIN_EXE_llm-filter"))
+        .current_dir(repo())
+        .args(["render", "envoy"])
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .arg("--wasm")
+        .arg(wasm())
+        .arg("--ca")
+        .arg(ca)
+        .args(
+            endpoints
+                .iter()
+                .flat_map(|(host, addr)| ["--endpoint".to_string(), format!("{host}={addr}")]),
+        )
+        .output()
+        .expect("run llm-filter");
+    assert!(
+        out.status.success(),
+        "render envoy failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("render envoy writes UTF-8")
+}
+
 /// Asserts the request carried `authorization: Bearer <key>` exactly once, printing only
 /// redacted values on failure.
 pub fn assert_bearer(r: &mock::Recorded, key: &str) {
