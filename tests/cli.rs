@@ -372,3 +372,48 @@ fn render_envoy_refuses_bad_options_with_one_line() {
     assert!(out.stdout.is_empty());
     assert!(stderr_lines(&out)[0].contains("no manifest files given"));
 }
+
+/// Issue 8's fields go through `check` like the others: a bad `modelMapping` key and a bad
+/// `matches[].model` regex are each one line naming file, resource and field.
+#[test]
+fn check_reports_model_fields() {
+    let dir = temp_dir();
+    let file = write(
+        &dir,
+        "models.yaml",
+        "apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: p}
+spec:
+  host: p.example
+  path: /v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig: {modelMapping: {'g*x': m}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: r}
+spec:
+  host: llm.local
+  rules:
+  - matches: [{model: {regex: '(oops'}}]
+    backendRefs: [{providerHost: p.example}]
+",
+    );
+    let out = run(llm_filter(&["check", &file]));
+    let err = assert_failed(&out, 1, 2, "check models.yaml");
+    assert!(
+        err[0].ends_with(
+            "models.yaml: LLMProvider default/p: configs.defaultConfig.openAIConfig.modelMapping.g*x: \
+             `*` may only end a key (`prefix*`, or `*` alone)"
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err[1].contains(
+            "models.yaml: LLMRoute default/r: rules[0].matches[0].model.regex: invalid regex"
+        ),
+        "{err:?}"
+    );
+}
