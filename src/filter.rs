@@ -386,14 +386,18 @@ fn write_request_headers(context_id: u32, before: &Headers, after: &Headers) {
     }
 }
 
-/// The client's headers rewritten for `call`; a call with fallback also gets the marker that
-/// sends it to its rule's aggregate cluster.
+/// The client's headers rewritten for `call`. A call with fallback also gets the marker that
+/// sends it to its rule's aggregate cluster, and its rule key goes to filter state
+/// `llm.fallback` for the upstream part (set now: without `forwardAfterBody` the first attempt
+/// starts before the body is read). A marker the client sent is always dropped: it must not
+/// steer a request into another rule's fallback.
 fn headers_for(call: &ProviderCall, headers: &Headers) -> Headers {
     let mut after = headers.clone();
     rewrite_headers(call, &mut after);
+    after.retain(|(k, _)| k != FALLBACK_HEADER);
     if let Some(key) = &call.fallback {
-        after.retain(|(k, _)| k != FALLBACK_HEADER);
         after.push((FALLBACK_HEADER.to_string(), key.as_bytes().to_vec()));
+        set_filter_state("llm.fallback", key.as_bytes());
     }
     after
 }
@@ -746,9 +750,6 @@ impl LlmHttp {
             }
         }
         set_filter_state("llm.provider", call.provider.as_bytes());
-        if let Some(key) = &call.fallback {
-            set_filter_state("llm.fallback", key.as_bytes());
-        }
         if !call.rule.is_empty() {
             set_filter_state("llm.rule", call.rule.as_bytes());
         }

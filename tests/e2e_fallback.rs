@@ -193,9 +193,12 @@ async fn failures_fall_back_to_the_next_provider_rewritten_for_it() {
     assert!(took < Duration::from_secs(2), "took {took:?}");
     assert_eq!(mock.requests().len(), 2);
 
-    // A route without fallback is as before: the failure goes to the client, one attempt.
+    // A route without fallback is as before: the failure goes to the client, one attempt. A
+    // client's own marker is dropped: it cannot steer a request into another rule's fallback.
     mock.clear();
-    let resp = send(Req::chat("plain.com", SEED_BODY)).await;
+    let resp =
+        send(Req::chat("plain.com", SEED_BODY).header("x-llm-fallback", "default/ha-route/0"))
+            .await;
     assert_eq!(resp.status, 503, "{}", resp.text());
     assert!(resp.text().contains("dashscope is down"), "{}", resp.text());
     let seen = mock.requests();

@@ -1579,4 +1579,111 @@ mod tests {
             "{error}"
         );
     }
+
+    const FALLBACK: &str = "apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: dashscope-qwen}
+spec:
+  host: dashscope.aliyuncs.com
+  path: /compatible-mode/v1/chat/completions
+  configs: {defaultConfig: {openAIConfig: {model: qwen-turbo, apiKey: sk-a}}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: moonshot}
+spec:
+  host: api.moonshot.cn
+  path: /v1/chat/completions
+  configs: {defaultConfig: {openAIConfig: {model: moonshot-v1-8k, apiKey: sk-b}}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: ha, namespace: team}
+spec:
+  host: test.com
+  rules:
+  - name: ha
+    backendRefs: [{providerHost: dashscope.aliyuncs.com}]
+    fallback: {providers: [api.moonshot.cn], on: [connect-failure, 429]}
+";
+
+    #[test]
+    fn fallback_gets_an_aggregate_cluster_a_retry_route_and_tagged_endpoints() {
+        let doc = rendered(FALLBACK, &EnvoyOptions::default());
+        let name = "fallback.team.ha.0.dashscope-qwen";
+        let aggregate = cluster(&doc, name);
+        assert_eq!(
+            aggregate["cluster_type"]["typed_config"]["clusters"],
+            serde_yaml::from_str::<Value>("[dashscope-qwen, moonshot]").unwrap()
+        );
+        let options = &aggregate["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+        let filters = options["http_filters"].as_sequence().unwrap();
+        assert_eq!(filters.len(), 2);
+        assert_eq!(
+            filters[0]["typed_config"]["config"]["root_id"],
+            UPSTREAM_ROOT_ID
+        );
+        assert_eq!(filters[1]["name"], "envoy.filters.http.upstream_codec");
+        for (cluster_name, host) in [
+            ("dashscope-qwen", "dashscope.aliyuncs.com"),
+            ("moonshot", "api.moonshot.cn"),
+        ] {
+            let endpoint =
+                &cluster(&doc, cluster_name)["load_assignment"]["endpoints"][0]["lb_endpoints"][0];
+            assert_eq!(
+                endpoint["metadata"]["filter_metadata"]["llm"]["provider"],
+                host
+            );
+        }
+        let vhosts = hcm(&doc)["route_config"]["virtual_hosts"]
+            .as_sequence()
+            .unwrap();
+        let dashscope = vhosts
+            .iter()
+            .find(|v| v["name"] == "dashscope-qwen")
+            .unwrap();
+        let routes = dashscope["routes"].as_sequence().unwrap();
+        assert_eq!(routes.len(), 2, "{routes:?}");
+        let first = &routes[0];
+        assert_eq!(first["match"]["headers"][0]["name"], "x-llm-fallback");
+        assert_eq!(
+            first["match"]["headers"][0]["string_match"]["exact"],
+            "team/ha/0"
+        );
+        let retry = &first["route"]["retry_policy"];
+        assert_eq!(first["route"]["cluster"], name);
+        assert_eq!(
+            retry["retry_on"],
+            "connect-failure,refused-stream,retriable-status-codes"
+        );
+        assert_eq!(retry["retriable_status_codes"][0], 429);
+        assert_eq!(retry["num_retries"], 1);
+        assert_eq!(
+            retry["retry_priority"]["name"],
+            "envoy.retry_priorities.previous_priorities"
+        );
+        assert_eq!(routes[1]["route"]["cluster"], "dashscope-qwen");
+        let moonshot = vhosts.iter().find(|v| v["name"] == "moonshot").unwrap();
+        assert_eq!(moonshot["routes"].as_sequence().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn without_fallback_nothing_changes_and_key_files_are_refused_in_one() {
+        let yaml = render(&config(MESH), &EnvoyOptions::default(), &files()).unwrap();
+        for absent in [
+            "fallback.",
+            UPSTREAM_ROOT_ID,
+            "filter_metadata",
+            "retry_policy",
+        ] {
+            assert!(!yaml.contains(absent), "{absent}: {yaml}");
+        }
+        let text = FALLBACK.replace("apiKey: sk-b", "apiKeyFile: /etc/keys/moonshot");
+        let error = render(&config(&text), &EnvoyOptions::default(), &files()).unwrap_err();
+        assert!(
+            error.contains("LLMRoute team/ha: rules[0].fallback.providers[0]: LLMProvider default/moonshot takes its key from apiKeyFile"),
+            "{error}"
+        );
+    }
 }
