@@ -425,8 +425,16 @@ fn record_attempts(policy: &Policy, upstream: &mut Upstream, key: &[u8], headers
         attempts.push(&call.provider);
         set_filter_state("llm.provider", call.provider.as_bytes());
         set_filter_state("llm.attempts", attempts.join(",").as_bytes());
-        upstream.call = Rc::clone(call);
-        upstream.series = None;
+        if !Rc::ptr_eq(call, &upstream.call) {
+            // Another provider answered: its configured model is the one it was sent (a
+            // mapped or client-chosen model is not known here; the first one's is kept).
+            if let Some(model) = call.model() {
+                set_filter_state("llm.model", model.as_bytes());
+                upstream.model = model;
+            }
+            upstream.call = Rc::clone(call);
+            upstream.series = None;
+        }
     }
     for name in [ANSWERED_BY, ATTEMPT] {
         if let Err(status) =

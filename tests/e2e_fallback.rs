@@ -155,7 +155,7 @@ async fn failures_fall_back_to_the_next_provider_rewritten_for_it() {
         assert_moonshot_attempt(&seen[1]);
         assert_logged(
             &envoy,
-            "provider=moonshot rule=ha attempts=dashscope-qwen,moonshot",
+            "provider=moonshot rule=ha attempts=dashscope-qwen,moonshot model=moonshot-v1-8k",
         );
     }
 
