@@ -395,15 +395,15 @@ fn headers_for(call: &ProviderCall, headers: &Headers) -> Headers {
     let mut after = headers.clone();
     rewrite_headers(call, &mut after);
     after.retain(|(k, _)| k != FALLBACK_HEADER);
-    if let Some(key) = &call.fallback {
+    if let (Some(marker), Some((key, _))) = (&call.fallback, call.fallback_parts()) {
         after.push((FALLBACK_HEADER.to_string(), key.as_bytes().to_vec()));
-        set_filter_state("llm.fallback", key.as_bytes());
+        set_filter_state("llm.fallback", marker.as_bytes());
     }
     after
 }
 
-/// The answer of a request with fallback: the upstream part said which provider answered and
-/// on which attempt. Records `llm.provider` (the one that answered) and `llm.attempts` (every
+/// The answer of a request with fallback: when a later attempt answered, the upstream part
+/// said which provider and on which attempt (no headers: the first attempt answered). Records `llm.provider` (the one that answered) and `llm.attempts` (every
 /// provider tried, in order: Envoy tries the aggregate cluster's providers in order), counts
 /// the answer for the provider that gave it, and removes the internal headers.
 fn record_attempts(policy: &Policy, upstream: &mut Upstream, key: &[u8], headers: &Headers) {
@@ -415,7 +415,7 @@ fn record_attempts(policy: &Policy, upstream: &mut Upstream, key: &[u8], headers
         .and_then(|a| a.parse::<usize>().ok())
         .unwrap_or(1);
     if let Some(call) = policy.attempt_call(key, host) {
-        let tried = policy.attempt_providers(key);
+        let tried = policy.attempt_order(key, &upstream.call);
         let mut attempts: Vec<&str> = tried
             .iter()
             .take(attempt.saturating_sub(1))
@@ -451,16 +451,30 @@ fn record_attempts(policy: &Policy, upstream: &mut Upstream, key: &[u8], headers
 struct AttemptHttp {
     context_id: u32,
     policy: Rc<Policy>,
-    /// This attempt's call and its provider's host (from the endpoint), once known.
-    call: Option<(Rc<ProviderCall>, Vec<u8>)>,
+    /// A later attempt's call and its provider's host (from the endpoint); `None` for the
+    /// first attempt, which the downstream part has already rewritten.
+    call: Option<Attempt>,
 }
+
+/// A later attempt: its provider's call and host.
+type Attempt = (Rc<ProviderCall>, Vec<u8>);
 
 impl AttemptHttp {
     /// The call for this attempt: the request's rule (filter state `llm.fallback`, set by the
-    /// downstream part) and the endpoint's provider.
-    fn attempt_call(&self) -> Option<(Rc<ProviderCall>, Vec<u8>)> {
-        let key = hostcalls::get_property(vec!["llm.fallback"]).ok()??;
-        let bytes = hostcalls::get_property(vec!["xds", "upstream_host_metadata"]).ok()??;
+    /// downstream part) and the endpoint's provider. `Ok(None)`: the attempt goes to the
+    /// provider the downstream part chose and rewrote for (the first attempt); `Err`: the
+    /// request is not one with fallback, or the attempt cannot be placed.
+    fn attempt_call(&self) -> Result<Option<Attempt>, ()> {
+        let marker = hostcalls::get_property(vec!["llm.fallback"])
+            .ok()
+            .flatten()
+            .ok_or(())?;
+        let marker = String::from_utf8(marker).map_err(|_| ())?;
+        let (key, chosen) = policy::split_fallback(&marker);
+        let bytes = hostcalls::get_property(vec!["xds", "upstream_host_metadata"])
+            .ok()
+            .flatten()
+            .ok_or(())?;
         let Some(host) =
             metadata::filter_metadata_string(&bytes, metadata::NAMESPACE, metadata::PROVIDER_KEY)
         else {
@@ -469,19 +483,23 @@ impl AttemptHttp {
                  goes out unchanged",
                 self.context_id
             );
-            return None;
+            return Err(());
         };
-        let call = self.policy.attempt_call(&key, host);
+        if host == chosen.as_bytes() {
+            return Ok(None);
+        }
+        let call = self.policy.attempt_call(key.as_bytes(), host);
         if call.is_none() {
             warn!(
                 "#{} llm-filter: provider {:?} is not one of rule {:?}'s: the attempt goes out \
                  unchanged",
                 self.context_id,
                 String::from_utf8_lossy(host),
-                String::from_utf8_lossy(&key)
+                key
             );
         }
-        call.map(|call| (Rc::clone(call), host.to_vec()))
+        call.map(|call| Some((Rc::clone(call), host.to_vec())))
+            .ok_or(())
     }
 }
 
@@ -489,8 +507,20 @@ impl Context for AttemptHttp {}
 
 impl HttpContext for AttemptHttp {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let Some((call, host)) = self.attempt_call() else {
-            return Action::Continue;
+        let (call, host) = match self.attempt_call() {
+            Ok(Some(attempt)) => attempt,
+            Ok(None) => {
+                // The first attempt: only the marker goes (the route is chosen already).
+                if let Err(status) = hostcalls::set_map_value_bytes(
+                    MapType::HttpRequestHeaders,
+                    FALLBACK_HEADER,
+                    None,
+                ) {
+                    debug!("llm-filter: cannot remove {FALLBACK_HEADER}: {status:?}");
+                }
+                return Action::Continue;
+            }
+            Err(()) => return Action::Continue,
         };
         match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
             Ok(headers) => {
@@ -529,10 +559,14 @@ impl HttpContext for AttemptHttp {
                 return Action::Continue;
             }
         };
+        // The body as the first provider got it, with the client's model back (the downstream
+        // part stored it when it replaced it), then rewritten for this attempt's provider.
+        let restored = client_model_restored(&body);
+        let body_now = restored.as_deref().unwrap_or(&body);
         // The downstream part has checked the body; a body that no longer parses goes as is.
-        if let Ok(request) = ChatRequest::parse(&body) {
+        if let Ok(request) = ChatRequest::parse(body_now) {
             let rewritten = request.rewrite(call, self.policy.request_stream_usage);
-            if let Some(new_body) = &rewritten.body {
+            if let Some(new_body) = rewritten.body.as_ref().or(restored.as_ref()) {
                 if let Err(status) =
                     hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), new_body)
                 {
@@ -568,6 +602,25 @@ impl HttpContext for AttemptHttp {
         }
         Action::Continue
     }
+}
+
+/// `body` with `model` set back to the client's (filter state `llm.client_model`), through the
+/// same pure rewrite as any provider call; `None` when the client's model was kept.
+fn client_model_restored(body: &[u8]) -> Option<Vec<u8>> {
+    let model = hostcalls::get_property(vec!["llm.client_model"]).ok()??;
+    let model = String::from_utf8(model).ok()?;
+    let restore = ProviderCall {
+        provider: String::new(),
+        rule: String::new(),
+        authority: String::new(),
+        path: String::new(),
+        model_json: Some(serde_json::Value::String(model).to_string()),
+        stream: None,
+        authorization: None,
+        model_mapping: Default::default(),
+        fallback: None,
+    };
+    ChatRequest::parse(body).ok()?.rewrite(&restore, false).body
 }
 
 /// A request on its way to a provider, and what its answer has shown so far.
@@ -731,12 +784,18 @@ impl LlmHttp {
             }
         };
         let rewritten = request.rewrite(&call, self.policy.request_stream_usage);
-        // With fallback, each attempt's body is rewritten for its own provider by the upstream
-        // part, from the client's body: rewriting it here would lose the client's model.
-        let new_body = match call.fallback {
-            None => rewritten.body.as_ref(),
-            Some(_) => None,
-        };
+        let new_body = rewritten.body.as_ref();
+        if call.fallback.is_some() {
+            // A later attempt rewrites this body for its own provider: keep the client's model
+            // for it (its modelMapping, or no configured model, means the client's).
+            if let Some(model) = request
+                .model()
+                .filter(|m| Some(m) != rewritten.model.as_ref())
+            {
+                set_filter_state("llm.client_model", model.as_bytes());
+            }
+            set_filter_state("llm.attempts", call.provider.as_bytes());
+        }
         if let Some(HeldHeaders { before, mut after }) = held {
             // The whole body is known: send its exact length, never a chunked framing.
             let length = new_body.map_or(body.len(), Vec::len);
@@ -906,7 +965,8 @@ impl HttpContext for LlmHttp {
         };
         match hostcalls::get_map_bytes(MapType::HttpResponseHeaders) {
             Ok(headers) => {
-                if let Some(key) = upstream.call.fallback.clone() {
+                if let Some((key, _)) = upstream.call.fallback_parts() {
+                    let key = key.to_string();
                     record_attempts(&self.policy, upstream, key.as_bytes(), &headers);
                 }
                 upstream.class =

@@ -35,17 +35,28 @@ pub struct ProviderCall {
     pub authorization: Option<String>,
     /// `modelMapping`: the client's model → this provider's.
     pub model_mapping: ModelMapping,
-    /// The rule has `fallback`: its `fallback_key`, which the request carries so Envoy sends
-    /// it to the rule's aggregate cluster and the upstream filter rewrites each attempt.
+    /// The rule has `fallback`: `<fallback_key> <provider host>`. The request carries the key
+    /// so Envoy sends it to the rule's aggregate cluster; the upstream filter finds the rule's
+    /// calls by it and knows, by the host, which attempt needs no rewrite (the first).
     pub fallback: Option<String>,
 }
 
 impl ProviderCall {
+    /// With fallback: the rule's key, and the provider host this call goes to.
+    pub fn fallback_parts(&self) -> Option<(&str, &str)> {
+        self.fallback.as_deref().map(split_fallback)
+    }
+
     pub fn model(&self) -> Option<String> {
         self.model_json
             .as_deref()
             .and_then(|json| serde_json::from_str(json).ok())
     }
+}
+
+/// `<key> <host>` → (key, host); a value without a space is all key.
+pub fn split_fallback(value: &str) -> (&str, &str) {
+    value.split_once(' ').unwrap_or((value, ""))
 }
 
 /// Keys never reach a log line, not even through `{:?}`.
@@ -136,6 +147,15 @@ pub enum Decision {
     Models(Rc<str>),
 }
 
+/// The calls of a rule with fallback, by provider host: its backendRefs', then its fallback
+/// providers' in order.
+#[derive(Debug)]
+struct Attempts {
+    /// How many of `calls` are backendRefs.
+    backends: usize,
+    calls: Vec<(String, Rc<ProviderCall>)>,
+}
+
 /// The compiled configuration.
 #[derive(Debug)]
 pub struct Policy {
@@ -150,7 +170,7 @@ pub struct Policy {
     pub hold_timeout_ms: u64,
     /// Rules with `fallback`, by `fallback_key`: each provider an attempt may go to (by its
     /// normalized host), in the order Envoy tries them, with that provider's call.
-    fallbacks: HashMap<String, Vec<(String, Rc<ProviderCall>)>>,
+    fallbacks: HashMap<String, Attempts>,
 }
 
 impl Policy {
@@ -264,19 +284,27 @@ impl Policy {
         let host = normalize_authority(provider_host)?;
         self.fallbacks
             .get(key)?
+            .calls
             .iter()
             .find(|(h, _)| *h == host)
             .map(|(_, call)| call)
     }
 
-    /// The providers a request marked `key` may be sent to, in the order Envoy tries them
-    /// (the chosen backend first, as the aggregate cluster lists it).
-    pub fn attempt_providers(&self, key: &[u8]) -> Vec<&str> {
-        std::str::from_utf8(key)
+    /// The providers a request marked `key` and first sent to `first` may go to, in the order
+    /// Envoy tries them: `first` (the chosen backend), then the rule's fallback providers.
+    pub fn attempt_order<'a>(&'a self, key: &[u8], first: &'a ProviderCall) -> Vec<&'a str> {
+        let mut order = vec![first.provider.as_str()];
+        if let Some(attempts) = std::str::from_utf8(key)
             .ok()
             .and_then(|key| self.fallbacks.get(key))
-            .map(|list| list.iter().map(|(_, c)| c.provider.as_str()).collect())
-            .unwrap_or_default()
+        {
+            order.extend(
+                attempts.calls[attempts.backends..]
+                    .iter()
+                    .map(|(_, c)| c.provider.as_str()),
+            );
+        }
+        order
     }
 
     /// True when requests for this `:authority` are LLM requests.
@@ -541,7 +569,7 @@ fn compile_rules(
     route: &RouteManifest,
     resource: &str,
     providers: &Providers<'_>,
-    fallbacks: &mut HashMap<String, Vec<(String, Rc<ProviderCall>)>>,
+    fallbacks: &mut HashMap<String, Attempts>,
 ) -> Result<Vec<RulePolicy>, ConfigError> {
     if route.spec.rules.is_empty() {
         return Err(ConfigError::new(
@@ -578,7 +606,7 @@ fn compile_rule(
     resource: &str,
     providers: &Providers<'_>,
     key: &str,
-    fallbacks: &mut HashMap<String, Vec<(String, Rc<ProviderCall>)>>,
+    fallbacks: &mut HashMap<String, Attempts>,
 ) -> Result<RulePolicy, ConfigError> {
     let field = |rest: &str| format!("rules[{index}].{rest}");
     let mut matches = Vec::with_capacity(rule.matches.len());
@@ -659,7 +687,13 @@ fn compile_rule(
             Some(rewrite) => normalize_config_host(rewrite)
                 .map_err(|m| ConfigError::new(resource, at("hostRewrite"), m))?,
         };
-        backends.push(provider_call(provider, rule_name, &authority, fallback_key));
+        let marker = fallback_key.map(|key| format!("{key} {host}"));
+        backends.push(provider_call(
+            provider,
+            rule_name,
+            &authority,
+            marker.as_deref(),
+        ));
         weights.push(weight);
         backend_hosts.push(host);
     }
@@ -698,7 +732,14 @@ fn compile_rule(
                 ),
             ));
         }
-        fallbacks.insert(key.to_string(), attempts);
+        let backends = backend_hosts.len();
+        fallbacks.insert(
+            key.to_string(),
+            Attempts {
+                backends,
+                calls: attempts,
+            },
+        );
     }
     let choice = WeightedChoice::new(&weights).ok_or_else(|| {
         ConfigError::new(
@@ -755,7 +796,8 @@ fn compile_fallback(
                 format!("{host:?} is listed twice: each provider is tried at most once"),
             ));
         }
-        let call = provider_call(provider, rule_name, &host, Some(key));
+        let marker = format!("{key} {host}");
+        let call = provider_call(provider, rule_name, &host, Some(&marker));
         out.push((host, call));
     }
     Ok(out)
@@ -1501,7 +1543,8 @@ spec:
         let policy = Policy::from_text(&text).unwrap();
         assert!(policy.has_fallbacks());
         let call = forward(&policy, &request("llm.example", &[]));
-        assert_eq!(call.fallback.as_deref(), Some("team/r/0"));
+        assert_eq!(call.fallback.as_deref(), Some("team/r/0 p.example"));
+        assert_eq!(call.fallback_parts(), Some(("team/r/0", "p.example")));
         assert_eq!(call.authority, "p-alias.example");
         let key = fallback_key("team", "r", 0);
         assert_eq!(key, "team/r/0");
@@ -1515,8 +1558,9 @@ spec:
         // The rule's routeSpecificConfigs entry applies to a fallback provider too.
         assert_eq!(second.model().as_deref(), Some("q-ha"));
         assert_eq!(second.authorization.as_deref(), Some("Bearer sk-q-ha"));
-        assert_eq!(second.fallback.as_deref(), Some("team/r/0"));
-        assert_eq!(policy.attempt_providers(key.as_bytes()), vec!["p", "q"]);
+        assert_eq!(second.fallback.as_deref(), Some("team/r/0 q.example"));
+        assert_eq!(policy.attempt_order(key.as_bytes(), &call), vec!["p", "q"]);
+        assert_eq!(policy.attempt_order(b"team/r/9", &call), vec!["p"]);
         assert!(policy.attempt_call(b"team/r/1", b"q.example").is_none());
         assert!(policy
             .attempt_call(key.as_bytes(), b"other.example")

@@ -39,7 +39,10 @@ spec:
   path: /v1/chat/completions
   configs:
     defaultConfig:
-      openAIConfig: {model: moonshot-v1-8k, apiKey: sk-fallback-moonshot}
+      openAIConfig:
+        model: moonshot-v1-8k
+        apiKey: sk-fallback-moonshot
+        modelMapping: {gpt-4o: moonshot-v1-32k}
 ---
 apiVersion: istio.alibabacloud.com/v1beta1
 kind: LLMRoute
@@ -158,6 +161,22 @@ async fn failures_fall_back_to_the_next_provider_rewritten_for_it() {
             "provider=moonshot rule=ha attempts=dashscope-qwen,moonshot model=moonshot-v1-8k",
         );
     }
+
+    // The first provider got its own model; the next one maps the client's model, not that.
+    mock.clear();
+    mock.set_behavior(Behavior {
+        fixed_for_sni: vec![fail(DASHSCOPE, 503, "dashscope is down")],
+        ..Behavior::default()
+    });
+    let body = r#"{"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}"#;
+    let resp = send(Req::chat("test.com", body)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].model().as_deref(), Some("qwen-turbo"));
+    assert_eq!(seen[1].model().as_deref(), Some("moonshot-v1-32k"));
+    assert_eq!(seen[1].path, MOONSHOT_PATH);
+    assert_bearer(&seen[1], KEY_B);
 
     // No failure: one attempt, the chosen backend's.
     mock.clear();
