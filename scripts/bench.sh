@@ -30,7 +30,10 @@
 # a variant), BENCH_RESULTS=path writes the JSON there instead, BENCH_MODEL_ROUTED=1 sends the
 # chat cases through an LLMRoute rule that matches the body's model (routing at body time),
 # BENCH_HOLD_HEADERS=0 lets the headers go at once (the Istio WasmPlugin way), BENCH_APM=1
-# puts Envoy's AI Protocol Manager (which buffers the whole body first) before the filter.
+# puts Envoy's AI Protocol Manager (which buffers the whole body first) before the filter,
+# BENCH_FALLBACK=1 sends the chat cases through an LLMRoute rule with a fallback provider (an
+# aggregate cluster, a retry policy and the filter's upstream part on every request; no
+# provider fails).
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -172,6 +175,10 @@ sed 's/"gpt-4o-mini"/"bench-stream"/' "$RUN/body-stream.json" >"$RUN/body-stream
 # BENCH_MODEL_ROUTED=1 the chat host is an LLMRoute whose rule matches the body's model.
 CHAT_PROVIDER_HOST=$LLM_HOST
 [ "${BENCH_MODEL_ROUTED:-0}" = 1 ] && CHAT_PROVIDER_HOST=chat.provider.bench.local
+[ "${BENCH_FALLBACK:-0}" = 1 ] && CHAT_PROVIDER_HOST=chat.provider.bench.local
+[ "${BENCH_FALLBACK:-0}" = 1 ] && [ "${BENCH_MODEL_ROUTED:-0}" = 1 ] &&
+    die "BENCH_FALLBACK=1 and BENCH_MODEL_ROUTED=1 measure different routes: set one"
+FALLBACK_HOST=fallback.provider.bench.local
 cat >"$RUN/manifests.yaml" <<EOF
 apiVersion: istio.alibabacloud.com/v1beta1
 kind: LLMProvider
@@ -224,6 +231,32 @@ spec:
     backendRefs: [{providerHost: $CHAT_PROVIDER_HOST}]
 EOF
 fi
+if [ "${BENCH_FALLBACK:-0}" = 1 ]; then
+    cat >>"$RUN/manifests.yaml" <<EOF
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata:
+  name: bench-fallback
+spec:
+  host: $FALLBACK_HOST
+  path: /fallback/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig: { model: bench-model, stream: false, apiKey: sk-bench-fallback }
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata:
+  name: bench-fallback
+spec:
+  host: $LLM_HOST
+  rules:
+  - name: ha
+    backendRefs: [{providerHost: $CHAT_PROVIDER_HOST}]
+    fallback: { providers: [$FALLBACK_HOST] }
+EOF
+fi
 if [ "${BENCH_HOLD_HEADERS:-1}" = 1 ]; then
     printf -- '---\nsettings: { forwardAfterBody: true }\n' >>"$RUN/manifests.yaml"
     ALLOW_STOP=true
@@ -255,6 +288,32 @@ static_resources:
             - name: providers
               domains: [$LLM_HOST, "$LLM_HOST:*", chat.provider.bench.local, $STREAM_HOST, "$STREAM_HOST:*", $VERIFY_HOST, "$VERIFY_HOST:*"]
               routes:
+EOF
+    # BENCH_FALLBACK=1: what `llm-filter render envoy` emits for a rule with fallback (the
+    # marked requests go to an aggregate cluster with a retry policy).
+    if [ "$with_filter" = 1 ] && [ "${BENCH_FALLBACK:-0}" = 1 ]; then
+        cat <<EOF
+              - match: { prefix: /, headers: [{ name: x-llm-fallback, string_match: { exact: default/bench-fallback/0 } }] }
+                route:
+                  cluster: fallback
+                  timeout: 300s
+                  idle_timeout: 0s
+                  retry_policy:
+                    retry_on: connect-failure,refused-stream,5xx,retriable-status-codes
+                    retriable_status_codes: [429]
+                    num_retries: 1
+                    retry_priority:
+                      name: envoy.retry_priorities.previous_priorities
+                      typed_config:
+                        '@type': type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig
+                        update_frequency: 1
+                    retry_host_predicate:
+                    - name: envoy.retry_host_predicates.previous_hosts
+                      typed_config: { '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate }
+                    host_selection_retry_max_attempts: 5
+EOF
+    fi
+    cat <<EOF
               - match: { prefix: / }
                 route: { cluster: upstream, timeout: 300s, idle_timeout: 0s }
           http_filters:
@@ -300,6 +359,57 @@ EOF
       - lb_endpoints:
         - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $NGINX_PORT } } }
 EOF
+    if [ "$with_filter" = 1 ] && [ "${BENCH_FALLBACK:-0}" = 1 ]; then
+        local name host
+        for name in chat fallback-provider; do
+            host=$CHAT_PROVIDER_HOST
+            [ "$name" = chat ] || host=$FALLBACK_HOST
+            cat <<EOF
+  - name: $name
+    type: STATIC
+    connect_timeout: 1s
+    per_connection_buffer_limit_bytes: 16777216
+    load_assignment:
+      cluster_name: $name
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $NGINX_PORT } } }
+          metadata: { filter_metadata: { llm: { provider: $host } } }
+EOF
+        done
+        cat <<EOF
+  - name: fallback
+    connect_timeout: 1s
+    lb_policy: CLUSTER_PROVIDED
+    per_connection_buffer_limit_bytes: 16777216
+    cluster_type:
+      name: envoy.clusters.aggregate
+      typed_config:
+        '@type': type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig
+        clusters: [chat, fallback-provider]
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        use_downstream_protocol_config: {}
+        http_filters:
+        - name: envoy.filters.http.wasm
+          typed_config:
+            '@type': type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+            config:
+              name: llm-filter-upstream
+              root_id: llm-filter-upstream
+              vm_config:
+                vm_id: llm-filter
+                runtime: envoy.wasm.runtime.v8
+                code: { local: { filename: $WASM } }
+              configuration:
+                '@type': type.googleapis.com/google.protobuf.StringValue
+                value: |
+$(sed 's/^/                  /' "$RUN/manifests.yaml")
+        - name: envoy.filters.http.upstream_codec
+          typed_config: { '@type': type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec }
+EOF
+    fi
 }
 envoy_config "$PLAIN_PORT" "$PLAIN_ADMIN" 0 >"$RUN/envoy-plain.yaml"
 envoy_config "$FILTER_PORT" "$FILTER_ADMIN" 1 >"$RUN/envoy-filter.yaml"
@@ -518,6 +628,13 @@ for port in "$PLAIN_PORT" "$FILTER_PORT" ${LITELLM:+"$LITELLM_PORT"}; do
     done
 done
 ok "filter rewrites path, model, key; plain Envoy passes the request as sent; every size answers"
+if [ "${BENCH_FALLBACK:-0}" = 1 ]; then
+    # The chat cases really go through the aggregate cluster (one attempt each: nothing fails);
+    # Envoy counts them on the sub-cluster that served them, `chat`, reached only that way.
+    tried="$(curl -fsS "http://127.0.0.1:$FILTER_ADMIN/stats?filter=^cluster%5C.chat%5C.upstream_rq_total$" | sed 's/.*: //')"
+    [ "${tried:-0}" -gt 0 ] || die "BENCH_FALLBACK=1 but no request went through the fallback cluster"
+    ok "chat requests go through the fallback route ($tried so far)"
+fi
 
 # ---------------------------------------------------------------------------- measure
 # cpu_ticks TARGET: user+system CPU time of that Envoy so far, in clock ticks (0 for others).
@@ -627,7 +744,7 @@ meta = {
     "envoy": "$ENVOY_VERSION_STRING", "rounds": $ROUNDS, "duration_s": $DURATION,
     "streaming_runs": $TTFE_RUNS, "memory_requests": $MEM_REQUESTS, "cores": "$CORES_NOTE",
     "upstream": "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (echo module for the stream), plain HTTP",
-    "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "model_routed": ${BENCH_MODEL_ROUTED:-0}, "apm": ${BENCH_APM:-0}, "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
+    "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "model_routed": ${BENCH_MODEL_ROUTED:-0}, "apm": ${BENCH_APM:-0}, "fallback": ${BENCH_FALLBACK:-0}, "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
     "litellm": "$LITELLM_VERSION", "litellm_note": "$LITELLM_NOTE",
 }
 med = statistics.median

@@ -159,7 +159,97 @@ pub struct RuleConfig {
     pub matches: Vec<MatchConfig>,
     #[serde(default)]
     pub backend_refs: Vec<BackendRefConfig>,
+    /// Providers tried, in order, when the chosen backend fails (an addition to ASM's
+    /// resource): Envoy retries through an aggregate cluster, and the filter's upstream part
+    /// rewrites each attempt for its provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<FallbackConfig>,
 }
+
+/// `rules[].fallback`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FallbackConfig {
+    /// `providerHost`s, tried in this order after the chosen backend, at most once each.
+    #[serde(default)]
+    pub providers: Vec<String>,
+    /// The failures that move on to the next provider; `None`: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Vec<FallbackOn>>,
+}
+
+/// A failure that makes Envoy try the next provider. Written `connect-failure`, `5xx` or `429`
+/// (YAML reads a bare `429` as a number: both forms are accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum FallbackOn {
+    /// The provider cannot be reached (refused, reset before an answer).
+    #[serde(rename = "connect-failure")]
+    ConnectFailure,
+    /// The provider answers 5xx (or drops the request before answering).
+    #[serde(rename = "5xx")]
+    ServerError,
+    /// The provider rate-limits the request.
+    #[serde(rename = "429")]
+    RateLimited,
+}
+
+impl FallbackOn {
+    const NAMES: &'static [&'static str] = &["connect-failure", "5xx", "429"];
+
+    fn from_name(name: &str) -> Option<FallbackOn> {
+        match name {
+            "connect-failure" => Some(FallbackOn::ConnectFailure),
+            "5xx" => Some(FallbackOn::ServerError),
+            "429" => Some(FallbackOn::RateLimited),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FallbackOn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<FallbackOn, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = FallbackOn;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("one of connect-failure, 5xx, 429")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FallbackOn, E> {
+                FallbackOn::from_name(v).ok_or_else(|| E::unknown_variant(v, FallbackOn::NAMES))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<FallbackOn, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<FallbackOn, E> {
+                self.visit_str(&v.to_string())
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl FallbackConfig {
+    /// `on`, or its default: every failure.
+    pub fn triggers(&self) -> Vec<FallbackOn> {
+        self.on.clone().unwrap_or_else(|| {
+            vec![
+                FallbackOn::ConnectFailure,
+                FallbackOn::ServerError,
+                FallbackOn::RateLimited,
+            ]
+        })
+    }
+}
+
+/// The value of the `x-llm-fallback` request header (and filter state `llm.fallback`) that
+/// marks a request routed by rule `rule` of route `namespace/name`: Envoy's route sends it to
+/// the rule's aggregate cluster, and the upstream filter finds the rule's providers by it.
+pub fn fallback_key(namespace: &str, name: &str, rule: usize) -> String {
+    format!("{namespace}/{name}/{rule}")
+}
+
+/// The request header that carries `fallback_key`.
+pub const FALLBACK_HEADER: &str = "x-llm-fallback";
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

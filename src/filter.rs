@@ -20,13 +20,22 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::balancer::SplitMix64;
+use crate::config::FALLBACK_HEADER;
 use crate::error::RequestError;
+use crate::metadata;
 use crate::metrics::{series, status_class, Metric};
 use crate::policy::{self, Decision, Policy, ProviderCall};
 use crate::rewrite::{header_changes, rewrite_headers, ChatRequest};
 use crate::usage::{Report, ResponseObserver};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The root id of the filter's upstream part (`render envoy` configures it on each fallback's
+/// aggregate cluster); any other root id is the downstream filter.
+const UPSTREAM_ROOT_ID: &str = "llm-filter-upstream";
+/// Response headers by which the upstream part tells the downstream part which provider
+/// answered and on which attempt; the downstream part records and removes them.
+const ANSWERED_BY: &str = "x-llm-answered-by";
+const ATTEMPT: &str = "x-llm-attempt";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -40,6 +49,9 @@ proxy_wasm::main! {{
 
 struct LlmRoot {
     policy: Option<Rc<Policy>>,
+    /// Runs as the upstream filter of a fallback's aggregate cluster (root id
+    /// `llm-filter-upstream`): rewrites each attempt for its provider.
+    upstream: bool,
     rng: Rc<RefCell<SplitMix64>>,
     metrics: Rc<Metrics>,
     /// The missing-Envoy-setting error for model routing has been logged (once per VM).
@@ -72,6 +84,7 @@ impl Default for LlmRoot {
     fn default() -> Self {
         LlmRoot {
             policy: None,
+            upstream: false,
             rng: Rc::new(RefCell::new(SplitMix64::new(0))),
             metrics: Rc::new(Metrics::default()),
             model_routing_warned: Rc::new(Cell::new(false)),
@@ -218,8 +231,17 @@ impl RootContext for LlmRoot {
         if text.trim().is_empty() {
             warn!("llm-filter: empty configuration: every request passes through untouched");
         }
+        self.upstream = matches!(
+            hostcalls::get_property(vec!["plugin_root_id"]),
+            Ok(Some(id)) if id == UPSTREAM_ROOT_ID.as_bytes()
+        );
         match Policy::from_text(text) {
             Ok(policy) => {
+                if self.upstream {
+                    info!("llm-filter: configuration accepted (upstream: per-attempt rewrites)");
+                    self.policy = Some(Rc::new(policy));
+                    return true;
+                }
                 info!("llm-filter: configuration accepted");
                 if policy.forward_after_body {
                     let (period, _) = hold_timer(policy.hold_timeout_ms);
@@ -241,6 +263,13 @@ impl RootContext for LlmRoot {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let policy = self.policy.clone()?;
+        if self.upstream {
+            return Some(Box::new(AttemptHttp {
+                context_id,
+                policy,
+                call: None,
+            }));
+        }
         Some(Box::new(LlmHttp {
             context_id,
             policy,
@@ -355,6 +384,243 @@ fn write_request_headers(context_id: u32, before: &Headers, after: &Headers) {
     if let Err(status) = result {
         error!("#{context_id} llm-filter: cannot set request headers: {status:?}");
     }
+}
+
+/// The client's headers rewritten for `call`. A call with fallback also gets the marker that
+/// sends it to its rule's aggregate cluster, and its rule key goes to filter state
+/// `llm.fallback` for the upstream part (set now: without `forwardAfterBody` the first attempt
+/// starts before the body is read). A marker the client sent is always dropped: it must not
+/// steer a request into another rule's fallback.
+fn headers_for(call: &ProviderCall, headers: &Headers) -> Headers {
+    let mut after = headers.clone();
+    rewrite_headers(call, &mut after);
+    after.retain(|(k, _)| k != FALLBACK_HEADER);
+    if let (Some(marker), Some((key, _))) = (&call.fallback, call.fallback_parts()) {
+        after.push((FALLBACK_HEADER.to_string(), key.as_bytes().to_vec()));
+        set_filter_state("llm.fallback", marker.as_bytes());
+    }
+    after
+}
+
+/// The answer of a request with fallback: when a later attempt answered, the upstream part
+/// said which provider and on which attempt (no headers: the first attempt answered). Records `llm.provider` (the one that answered) and `llm.attempts` (every
+/// provider tried, in order: Envoy tries the aggregate cluster's providers in order), counts
+/// the answer for the provider that gave it, and removes the internal headers.
+fn record_attempts(policy: &Policy, upstream: &mut Upstream, key: &[u8], headers: &Headers) {
+    let Some(host) = policy::header(headers, ANSWERED_BY) else {
+        return;
+    };
+    let attempt = policy::header(headers, ATTEMPT)
+        .and_then(|a| std::str::from_utf8(a).ok())
+        .and_then(|a| a.parse::<usize>().ok())
+        .unwrap_or(1);
+    if let Some(call) = policy.attempt_call(key, host) {
+        let tried = policy.attempt_order(key, &upstream.call);
+        let mut attempts: Vec<&str> = tried
+            .iter()
+            .take(attempt.saturating_sub(1))
+            .copied()
+            .filter(|p| *p != call.provider)
+            .collect();
+        attempts.push(&call.provider);
+        set_filter_state("llm.provider", call.provider.as_bytes());
+        set_filter_state("llm.attempts", attempts.join(",").as_bytes());
+        if !Rc::ptr_eq(call, &upstream.call) {
+            // Another provider answered: its configured model is the one it was sent (a
+            // mapped or client-chosen model is not known here; the first one's is kept).
+            if let Some(model) = call.model() {
+                set_filter_state("llm.model", model.as_bytes());
+                upstream.model = model;
+            }
+            upstream.call = Rc::clone(call);
+            upstream.series = None;
+        }
+    }
+    for name in [ANSWERED_BY, ATTEMPT] {
+        if let Err(status) =
+            hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, None)
+        {
+            debug!("llm-filter: cannot remove {name}: {status:?}");
+        }
+    }
+}
+
+/// The upstream part, once per attempt on a fallback's aggregate cluster: rewrites the
+/// attempt's headers and body for the provider Envoy chose (named by the endpoint's metadata,
+/// `filter_metadata.llm.provider`), whichever attempt it is.
+struct AttemptHttp {
+    context_id: u32,
+    policy: Rc<Policy>,
+    /// A later attempt's call and its provider's host (from the endpoint); `None` for the
+    /// first attempt, which the downstream part has already rewritten.
+    call: Option<Attempt>,
+}
+
+/// A later attempt: its provider's call and host.
+type Attempt = (Rc<ProviderCall>, Vec<u8>);
+
+impl AttemptHttp {
+    /// The call for this attempt: the request's rule (filter state `llm.fallback`, set by the
+    /// downstream part) and the endpoint's provider. `Ok(None)`: the attempt goes to the
+    /// provider the downstream part chose and rewrote for (the first attempt); `Err`: the
+    /// request is not one with fallback, or the attempt cannot be placed.
+    fn attempt_call(&self) -> Result<Option<Attempt>, ()> {
+        let marker = hostcalls::get_property(vec!["llm.fallback"])
+            .ok()
+            .flatten()
+            .ok_or(())?;
+        let marker = String::from_utf8(marker).map_err(|_| ())?;
+        let (key, chosen) = policy::split_fallback(&marker);
+        let bytes = hostcalls::get_property(vec!["xds", "upstream_host_metadata"])
+            .ok()
+            .flatten()
+            .ok_or(())?;
+        let Some(host) =
+            metadata::filter_metadata_string(&bytes, metadata::NAMESPACE, metadata::PROVIDER_KEY)
+        else {
+            warn!(
+                "#{} llm-filter: the endpoint has no filter_metadata.llm.provider: the attempt \
+                 goes out unchanged",
+                self.context_id
+            );
+            return Err(());
+        };
+        if host == chosen.as_bytes() {
+            return Ok(None);
+        }
+        let call = self.policy.attempt_call(key.as_bytes(), host);
+        if call.is_none() {
+            warn!(
+                "#{} llm-filter: provider {:?} is not one of rule {:?}'s: the attempt goes out \
+                 unchanged",
+                self.context_id,
+                String::from_utf8_lossy(host),
+                key
+            );
+        }
+        call.map(|call| Some((Rc::clone(call), host.to_vec())))
+            .ok_or(())
+    }
+}
+
+impl Context for AttemptHttp {}
+
+impl HttpContext for AttemptHttp {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        let (call, host) = match self.attempt_call() {
+            Ok(Some(attempt)) => attempt,
+            Ok(None) => {
+                // The first attempt: only the marker goes (the route is chosen already).
+                if let Err(status) = hostcalls::set_map_value_bytes(
+                    MapType::HttpRequestHeaders,
+                    FALLBACK_HEADER,
+                    None,
+                ) {
+                    debug!("llm-filter: cannot remove {FALLBACK_HEADER}: {status:?}");
+                }
+                return Action::Continue;
+            }
+            Err(()) => return Action::Continue,
+        };
+        match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
+            Ok(headers) => {
+                let mut after = headers.clone();
+                rewrite_headers(&call, &mut after);
+                after.retain(|(k, _)| k != FALLBACK_HEADER);
+                write_request_headers(self.context_id, &headers, &after);
+            }
+            Err(status) => error!(
+                "#{} llm-filter: cannot read the attempt's headers: {status:?}",
+                self.context_id
+            ),
+        }
+        debug!(
+            "#{} llm-filter: attempt to provider {}",
+            self.context_id, call.provider
+        );
+        self.call = Some((call, host));
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some((call, _)) = &self.call else {
+            return Action::Continue;
+        };
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(body) => body.unwrap_or_default(),
+            Err(status) => {
+                error!(
+                    "#{} llm-filter: cannot read the attempt's body: {status:?}",
+                    self.context_id
+                );
+                return Action::Continue;
+            }
+        };
+        // The body as the first provider got it, with the client's model back (the downstream
+        // part stored it when it replaced it), then rewritten for this attempt's provider.
+        let restored = client_model_restored(&body);
+        let body_now = restored.as_deref().unwrap_or(&body);
+        // The downstream part has checked the body; a body that no longer parses goes as is.
+        if let Ok(request) = ChatRequest::parse(body_now) {
+            let rewritten = request.rewrite(call, self.policy.request_stream_usage);
+            if let Some(new_body) = rewritten.body.as_ref().or(restored.as_ref()) {
+                if let Err(status) =
+                    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), new_body)
+                {
+                    error!(
+                        "#{} llm-filter: cannot replace the attempt's body: {status:?}",
+                        self.context_id
+                    );
+                }
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        let Some((_, host)) = &self.call else {
+            return Action::Continue;
+        };
+        let attempt = hostcalls::get_property(vec!["upstream", "request_attempt_count"])
+            .ok()
+            .flatten()
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(1, u64::from_le_bytes);
+        let attempt = attempt.to_string();
+        for (name, value) in [
+            (ANSWERED_BY, host.as_slice()),
+            (ATTEMPT, attempt.as_bytes()),
+        ] {
+            if let Err(status) =
+                hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, Some(value))
+            {
+                debug!("llm-filter: cannot set {name}: {status:?}");
+            }
+        }
+        Action::Continue
+    }
+}
+
+/// `body` with `model` set back to the client's (filter state `llm.client_model`), through the
+/// same pure rewrite as any provider call; `None` when the client's model was kept.
+fn client_model_restored(body: &[u8]) -> Option<Vec<u8>> {
+    let model = hostcalls::get_property(vec!["llm.client_model"]).ok()??;
+    let model = String::from_utf8(model).ok()?;
+    let restore = ProviderCall {
+        provider: String::new(),
+        rule: String::new(),
+        authority: String::new(),
+        path: String::new(),
+        model_json: Some(serde_json::Value::String(model).to_string()),
+        stream: None,
+        authorization: None,
+        model_mapping: Default::default(),
+        fallback: None,
+    };
+    ChatRequest::parse(body).ok()?.rewrite(&restore, false).body
 }
 
 /// A request on its way to a provider, and what its answer has shown so far.
@@ -505,8 +771,7 @@ impl LlmHttp {
                             "#{} llm-filter: by model {model:?}: provider {} rule {:?}",
                             self.context_id, call.provider, call.rule
                         );
-                        let mut after = headers.clone();
-                        rewrite_headers(&call, &mut after);
+                        let after = headers_for(&call, &headers);
                         let held = HeldHeaders {
                             before: headers,
                             after,
@@ -519,9 +784,21 @@ impl LlmHttp {
             }
         };
         let rewritten = request.rewrite(&call, self.policy.request_stream_usage);
+        let new_body = rewritten.body.as_ref();
+        if call.fallback.is_some() {
+            // A later attempt rewrites this body for its own provider: keep the client's model
+            // for it (its modelMapping, or no configured model, means the client's).
+            if let Some(model) = request
+                .model()
+                .filter(|m| Some(m) != rewritten.model.as_ref())
+            {
+                set_filter_state("llm.client_model", model.as_bytes());
+            }
+            set_filter_state("llm.attempts", call.provider.as_bytes());
+        }
         if let Some(HeldHeaders { before, mut after }) = held {
             // The whole body is known: send its exact length, never a chunked framing.
-            let length = rewritten.body.as_ref().map_or(body.len(), Vec::len);
+            let length = new_body.map_or(body.len(), Vec::len);
             after.retain(|(k, _)| k != "transfer-encoding");
             after.push((
                 "content-length".to_string(),
@@ -529,7 +806,7 @@ impl LlmHttp {
             ));
             write_request_headers(self.context_id, &before, &after);
         }
-        if let Some(new_body) = &rewritten.body {
+        if let Some(new_body) = new_body {
             if let Err(status) =
                 hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), new_body)
             {
@@ -615,8 +892,7 @@ impl HttpContext for LlmHttp {
                     "#{} llm-filter: provider {} rule {:?}",
                     self.context_id, call.provider, call.rule
                 );
-                let mut after = headers.clone();
-                rewrite_headers(&call, &mut after);
+                let after = headers_for(&call, &headers);
                 if self.policy.forward_after_body {
                     // Envoy's `allow_on_headers_stop_iteration` lets the body arrive while the
                     // headers wait; they go on, with the exact length, once the body is good.
@@ -689,6 +965,10 @@ impl HttpContext for LlmHttp {
         };
         match hostcalls::get_map_bytes(MapType::HttpResponseHeaders) {
             Ok(headers) => {
+                if let Some((key, _)) = upstream.call.fallback_parts() {
+                    let key = key.to_string();
+                    record_attempts(&self.policy, upstream, key.as_bytes(), &headers);
+                }
                 upstream.class =
                     policy::header(&headers, ":status").map_or("unknown", status_class);
                 upstream.observer = Some(ResponseObserver::for_response(&headers));

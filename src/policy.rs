@@ -8,7 +8,8 @@ use std::rc::Rc;
 
 use crate::balancer::{RandomSource, WeightedChoice};
 use crate::config::{
-    check_api_key_source, FilterConfig, OpenAIConfig, ProviderManifest, RouteManifest, RuleConfig,
+    check_api_key_source, fallback_key, FallbackConfig, FilterConfig, OpenAIConfig,
+    ProviderManifest, RouteManifest, RuleConfig,
 };
 use crate::error::{ConfigError, ConfigErrors, RequestError};
 use crate::matcher::{HeaderConditions, StringMatch};
@@ -34,14 +35,28 @@ pub struct ProviderCall {
     pub authorization: Option<String>,
     /// `modelMapping`: the client's model → this provider's.
     pub model_mapping: ModelMapping,
+    /// The rule has `fallback`: `<fallback_key> <provider host>`. The request carries the key
+    /// so Envoy sends it to the rule's aggregate cluster; the upstream filter finds the rule's
+    /// calls by it and knows, by the host, which attempt needs no rewrite (the first).
+    pub fallback: Option<String>,
 }
 
 impl ProviderCall {
+    /// With fallback: the rule's key, and the provider host this call goes to.
+    pub fn fallback_parts(&self) -> Option<(&str, &str)> {
+        self.fallback.as_deref().map(split_fallback)
+    }
+
     pub fn model(&self) -> Option<String> {
         self.model_json
             .as_deref()
             .and_then(|json| serde_json::from_str(json).ok())
     }
+}
+
+/// `<key> <host>` → (key, host); a value without a space is all key.
+pub fn split_fallback(value: &str) -> (&str, &str) {
+    value.split_once(' ').unwrap_or((value, ""))
 }
 
 /// Keys never reach a log line, not even through `{:?}`.
@@ -59,6 +74,7 @@ impl fmt::Debug for ProviderCall {
                 &self.authorization.as_ref().map(|_| "<redacted>"),
             )
             .field("model_mapping", &self.model_mapping)
+            .field("fallback", &self.fallback)
             .finish()
     }
 }
@@ -131,6 +147,15 @@ pub enum Decision {
     Models(Rc<str>),
 }
 
+/// The calls of a rule with fallback, by provider host: its backendRefs', then its fallback
+/// providers' in order.
+#[derive(Debug)]
+struct Attempts {
+    /// How many of `calls` are backendRefs.
+    backends: usize,
+    calls: Vec<(String, Rc<ProviderCall>)>,
+}
+
 /// The compiled configuration.
 #[derive(Debug)]
 pub struct Policy {
@@ -143,6 +168,9 @@ pub struct Policy {
     pub forward_after_body: bool,
     /// `settings.holdTimeoutMs`.
     pub hold_timeout_ms: u64,
+    /// Rules with `fallback`, by `fallback_key`: each provider an attempt may go to (by its
+    /// normalized host), in the order Envoy tries them, with that provider's call.
+    fallbacks: HashMap<String, Attempts>,
 }
 
 impl Policy {
@@ -177,12 +205,16 @@ impl Policy {
         let providers = index_providers(&config.providers, &mut errors);
         let mut hosts: HashMap<String, Rc<HostTarget>> = HashMap::new();
         let mut route_owner: HashMap<String, String> = HashMap::new();
+        let mut fallbacks = HashMap::new();
 
         for route in &config.routes {
             let resource = route.resource_name();
             let compiled = normalize_config_host(&route.spec.host)
                 .map_err(|m| ConfigError::new(&resource, "host", m))
-                .and_then(|host| Ok((host, compile_rules(route, &resource, &providers)?)));
+                .and_then(|host| {
+                    let rules = compile_rules(route, &resource, &providers, &mut fallbacks)?;
+                    Ok((host, rules))
+                });
             let (host, rules) = match compiled {
                 Ok(compiled) => compiled,
                 Err(e) => {
@@ -210,7 +242,7 @@ impl Policy {
                 errors.push(e);
             }
             if !hosts.contains_key(host) {
-                let call = provider_call(provider, "", host);
+                let call = provider_call(provider, "", host, None);
                 hosts.insert(host.clone(), Rc::new(HostTarget::Provider(call)));
             }
         }
@@ -235,7 +267,44 @@ impl Policy {
             request_stream_usage: config.settings.request_stream_usage,
             forward_after_body: config.settings.forward_after_body,
             hold_timeout_ms: config.settings.hold_timeout_ms,
+            fallbacks,
         })
+    }
+
+    /// True when some rule has `fallback` (the upstream filter has work to do).
+    pub fn has_fallbacks(&self) -> bool {
+        !self.fallbacks.is_empty()
+    }
+
+    /// The call an attempt makes: for the request marked `key` (its `fallback_key`), to the
+    /// provider whose host is `provider_host` (from the attempt's endpoint metadata). `None`
+    /// when the key or the provider is not the rule's.
+    pub fn attempt_call(&self, key: &[u8], provider_host: &[u8]) -> Option<&Rc<ProviderCall>> {
+        let key = std::str::from_utf8(key).ok()?;
+        let host = normalize_authority(provider_host)?;
+        self.fallbacks
+            .get(key)?
+            .calls
+            .iter()
+            .find(|(h, _)| *h == host)
+            .map(|(_, call)| call)
+    }
+
+    /// The providers a request marked `key` and first sent to `first` may go to, in the order
+    /// Envoy tries them: `first` (the chosen backend), then the rule's fallback providers.
+    pub fn attempt_order<'a>(&'a self, key: &[u8], first: &'a ProviderCall) -> Vec<&'a str> {
+        let mut order = vec![first.provider.as_str()];
+        if let Some(attempts) = std::str::from_utf8(key)
+            .ok()
+            .and_then(|key| self.fallbacks.get(key))
+        {
+            order.extend(
+                attempts.calls[attempts.backends..]
+                    .iter()
+                    .map(|(_, c)| c.provider.as_str()),
+            );
+        }
+        order
     }
 
     /// True when requests for this `:authority` are LLM requests.
@@ -500,6 +569,7 @@ fn compile_rules(
     route: &RouteManifest,
     resource: &str,
     providers: &Providers<'_>,
+    fallbacks: &mut HashMap<String, Attempts>,
 ) -> Result<Vec<RulePolicy>, ConfigError> {
     if route.spec.rules.is_empty() {
         return Err(ConfigError::new(
@@ -524,7 +594,8 @@ fn compile_rules(
                     ));
                 }
             }
-            compile_rule(rule, i, resource, providers)
+            let key = fallback_key(route.metadata.namespace(), &route.metadata.name, i);
+            compile_rule(rule, i, resource, providers, &key, fallbacks)
         })
         .collect()
 }
@@ -534,6 +605,8 @@ fn compile_rule(
     index: usize,
     resource: &str,
     providers: &Providers<'_>,
+    key: &str,
+    fallbacks: &mut HashMap<String, Attempts>,
 ) -> Result<RulePolicy, ConfigError> {
     let field = |rest: &str| format!("rules[{index}].{rest}");
     let mut matches = Vec::with_capacity(rule.matches.len());
@@ -588,7 +661,9 @@ fn compile_rule(
         ));
     }
     let rule_name = rule.name.as_deref().unwrap_or("");
+    let fallback_key = rule.fallback.as_ref().map(|_| key);
     let mut backends = Vec::with_capacity(rule.backend_refs.len());
+    let mut backend_hosts = Vec::with_capacity(rule.backend_refs.len());
     let mut weights = Vec::with_capacity(rule.backend_refs.len());
     for (b, backend) in rule.backend_refs.iter().enumerate() {
         let at = |leaf: &str| field(&format!("backendRefs[{b}].{leaf}"));
@@ -608,12 +683,63 @@ fn compile_rule(
             })?,
         };
         let authority = match &backend.host_rewrite {
-            None => host,
+            None => host.clone(),
             Some(rewrite) => normalize_config_host(rewrite)
                 .map_err(|m| ConfigError::new(resource, at("hostRewrite"), m))?,
         };
-        backends.push(provider_call(provider, rule_name, &authority));
+        let marker = fallback_key.map(|key| format!("{key} {host}"));
+        backends.push(provider_call(
+            provider,
+            rule_name,
+            &authority,
+            marker.as_deref(),
+        ));
         weights.push(weight);
+        backend_hosts.push(host);
+    }
+    if let Some(fallback) = &rule.fallback {
+        let mut attempts: Vec<(String, Rc<ProviderCall>)> = backend_hosts
+            .iter()
+            .cloned()
+            .zip(backends.iter().cloned())
+            .collect();
+        compile_fallback(fallback, &field, resource, providers, rule_name, key)?
+            .into_iter()
+            .for_each(|attempt| attempts.push(attempt));
+        for (b, host) in backend_hosts.iter().enumerate() {
+            if backend_hosts[..b].contains(host) {
+                return Err(ConfigError::new(
+                    resource,
+                    field(&format!("backendRefs[{b}].providerHost")),
+                    format!(
+                        "{host:?} is already a backendRef of this rule; with fallback each \
+                         provider is tried at most once"
+                    ),
+                ));
+            }
+        }
+        if let Some(at) = attempts
+            .iter()
+            .skip(backend_hosts.len())
+            .position(|(h, _)| backend_hosts.contains(h))
+        {
+            return Err(ConfigError::new(
+                resource,
+                field(&format!("fallback.providers[{at}]")),
+                format!(
+                    "{:?} is a backendRef of this rule: the chosen backend is never tried again",
+                    attempts[backend_hosts.len() + at].0
+                ),
+            ));
+        }
+        let backends = backend_hosts.len();
+        fallbacks.insert(
+            key.to_string(),
+            Attempts {
+                backends,
+                calls: attempts,
+            },
+        );
     }
     let choice = WeightedChoice::new(&weights).ok_or_else(|| {
         ConfigError::new(
@@ -632,10 +758,56 @@ fn compile_rule(
 
 /// The call for `provider` as chosen by rule `rule_name` (empty: a direct call): the rule's
 /// `routeSpecificConfigs` entry if there is one, else `defaultConfig` (whole, not merged).
+/// `rules[].fallback`: each provider's call, in order. Unknown hosts, repeats and an empty
+/// list are refused.
+fn compile_fallback(
+    fallback: &FallbackConfig,
+    field: &dyn Fn(&str) -> String,
+    resource: &str,
+    providers: &Providers<'_>,
+    rule_name: &str,
+    key: &str,
+) -> Result<Vec<(String, Rc<ProviderCall>)>, ConfigError> {
+    if fallback.providers.is_empty() {
+        return Err(ConfigError::new(
+            resource,
+            field("fallback.providers"),
+            "needs at least one providerHost",
+        ));
+    }
+    if fallback.on.as_ref().is_some_and(Vec::is_empty) {
+        return Err(ConfigError::new(
+            resource,
+            field("fallback.on"),
+            "names no failure: leave it out for the default (connect-failure, 5xx, 429)",
+        ));
+    }
+    let mut out: Vec<(String, Rc<ProviderCall>)> = Vec::with_capacity(fallback.providers.len());
+    for (f, host) in fallback.providers.iter().enumerate() {
+        let at = field(&format!("fallback.providers[{f}]"));
+        let host = normalize_config_host(host).map_err(|m| ConfigError::new(resource, &at, m))?;
+        let provider = providers.get(&host).ok_or_else(|| {
+            ConfigError::new(resource, &at, format!("no LLMProvider has host {host:?}"))
+        })?;
+        if out.iter().any(|(h, _)| *h == host) {
+            return Err(ConfigError::new(
+                resource,
+                &at,
+                format!("{host:?} is listed twice: each provider is tried at most once"),
+            ));
+        }
+        let marker = format!("{key} {host}");
+        let call = provider_call(provider, rule_name, &host, Some(&marker));
+        out.push((host, call));
+    }
+    Ok(out)
+}
+
 fn provider_call(
     provider: &ProviderManifest,
     rule_name: &str,
     authority: &str,
+    fallback: Option<&str>,
 ) -> Rc<ProviderCall> {
     let configs = &provider.spec.configs;
     let config = (!rule_name.is_empty())
@@ -660,6 +832,7 @@ fn provider_call(
         stream,
         authorization: api_key.map(|k| format!("Bearer {k}")),
         model_mapping,
+        fallback: fallback.map(str::to_string),
     })
 }
 
@@ -730,11 +903,14 @@ fn check_route_specific_keys(
 ) -> Result<(), ConfigError> {
     for key in provider.spec.configs.route_specific_configs.keys() {
         let used = routes.iter().flat_map(|r| &r.spec.rules).any(|rule| {
+            let fallbacks = rule.fallback.iter().flat_map(|f| &f.providers);
             rule.name.as_deref() == Some(key.as_str())
                 && rule
                     .backend_refs
                     .iter()
-                    .any(|b| normalize_config_host(&b.provider_host).as_deref() == Ok(host))
+                    .map(|b| &b.provider_host)
+                    .chain(fallbacks)
+                    .any(|h| normalize_config_host(h).as_deref() == Ok(host))
         });
         if !used {
             return Err(ConfigError::new(
@@ -1323,5 +1499,152 @@ spec:
         let call = forward(&policy, &request("test.com", &[]));
         let debug = format!("{call:?} {policy:?}");
         assert!(!debug.contains("API_KEY"), "{debug}");
+    }
+
+    const TWO_PROVIDERS: &str = "apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: p}
+spec:
+  host: p.example
+  path: /v1/chat/completions
+  configs:
+    defaultConfig: {openAIConfig: {model: p-model, apiKey: sk-p}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: q}
+spec:
+  host: q.example
+  path: /q/chat
+  configs:
+    defaultConfig: {openAIConfig: {model: q-model, apiKey: sk-q}}
+    routeSpecificConfigs:
+      ha: {openAIConfig: {model: q-ha, apiKey: sk-q-ha}}
+";
+
+    fn fallback_route(rule: &str) -> String {
+        format!(
+            "{TWO_PROVIDERS}---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {{name: r, namespace: team}}
+spec:
+  host: llm.example
+  rules:
+{rule}"
+        )
+    }
+
+    #[test]
+    fn fallback_marks_the_call_and_gives_each_attempt_its_provider_call() {
+        let text = fallback_route(
+            "  - name: ha\n    backendRefs: [{providerHost: p.example, hostRewrite: p-alias.example}]\n    fallback: {providers: [Q.example.], on: [5xx, 429]}\n  - name: plain\n    backendRefs: [{providerHost: q.example}]\n",
+        );
+        let policy = Policy::from_text(&text).unwrap();
+        assert!(policy.has_fallbacks());
+        let call = forward(&policy, &request("llm.example", &[]));
+        assert_eq!(call.fallback.as_deref(), Some("team/r/0 p.example"));
+        assert_eq!(call.fallback_parts(), Some(("team/r/0", "p.example")));
+        assert_eq!(call.authority, "p-alias.example");
+        let key = fallback_key("team", "r", 0);
+        assert_eq!(key, "team/r/0");
+        let first = policy.attempt_call(key.as_bytes(), b"p.example").unwrap();
+        assert_eq!(first, &call);
+        let second = policy.attempt_call(key.as_bytes(), b"Q.EXAMPLE").unwrap();
+        assert_eq!(second.provider, "q");
+        assert_eq!(second.path, "/q/chat");
+        assert_eq!(second.authority, "q.example");
+        assert_eq!(second.rule, "ha");
+        // The rule's routeSpecificConfigs entry applies to a fallback provider too.
+        assert_eq!(second.model().as_deref(), Some("q-ha"));
+        assert_eq!(second.authorization.as_deref(), Some("Bearer sk-q-ha"));
+        assert_eq!(second.fallback.as_deref(), Some("team/r/0 q.example"));
+        assert_eq!(policy.attempt_order(key.as_bytes(), &call), vec!["p", "q"]);
+        assert_eq!(policy.attempt_order(b"team/r/9", &call), vec!["p"]);
+        assert!(policy.attempt_call(b"team/r/1", b"q.example").is_none());
+        assert!(policy
+            .attempt_call(key.as_bytes(), b"other.example")
+            .is_none());
+        // A rule without fallback is exactly as before.
+        let plain = forward(
+            &Policy::from_text(&fallback_route(
+                "  - name: ha\n    backendRefs: [{providerHost: q.example}]\n",
+            ))
+            .unwrap(),
+            &request("llm.example", &[]),
+        );
+        assert_eq!(plain.fallback, None);
+    }
+
+    #[test]
+    fn fallback_on_accepts_names_and_the_bare_number() {
+        let config = FilterConfig::parse(&fallback_route(
+            "  - backendRefs: [{providerHost: p.example}]\n    fallback: {providers: [q.example], on: [connect-failure, 5xx, 429, '429']}\n",
+        ))
+        .unwrap();
+        let fallback = config.routes[0].spec.rules[0].fallback.clone().unwrap();
+        use crate::config::FallbackOn::*;
+        assert_eq!(
+            fallback.triggers(),
+            vec![ConnectFailure, ServerError, RateLimited, RateLimited]
+        );
+        let default = FallbackConfig {
+            providers: vec![],
+            on: None,
+        };
+        assert_eq!(
+            default.triggers(),
+            vec![ConnectFailure, ServerError, RateLimited]
+        );
+        let error = FilterConfig::parse(&fallback_route(
+            "  - backendRefs: [{providerHost: p.example}]\n    fallback: {providers: [q.example], on: [timeout]}\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("timeout"), "{error}");
+    }
+
+    #[test]
+    fn bad_fallbacks_name_their_field() {
+        for (rule, wanted) in [
+            (
+                "    fallback: {providers: [q.example, nowhere.example]}",
+                r#"LLMRoute team/r: rules[0].fallback.providers[1]: no LLMProvider has host "nowhere.example""#,
+            ),
+            (
+                "    fallback: {providers: [q.example, Q.example]}",
+                r#"rules[0].fallback.providers[1]: "q.example" is listed twice"#,
+            ),
+            (
+                "    fallback: {providers: [q.example, p.example]}",
+                r#"rules[0].fallback.providers[1]: "p.example" is a backendRef of this rule"#,
+            ),
+            (
+                "    fallback: {providers: []}",
+                "rules[0].fallback.providers: needs at least one providerHost",
+            ),
+            (
+                "    fallback: {providers: [q.example], on: []}",
+                "rules[0].fallback.on: names no failure",
+            ),
+            (
+                "    fallback: {providers: [q.example], tries: 2}",
+                "unknown field `tries`",
+            ),
+        ] {
+            let text = fallback_route(&format!(
+                "  - name: ha\n    backendRefs: [{{providerHost: p.example}}]\n{rule}\n"
+            ));
+            let error = Policy::from_text(&text).unwrap_err().to_string();
+            assert!(error.contains(wanted), "{rule}: {error}");
+        }
+        let text = fallback_route(
+            "  - name: ha\n    backendRefs: [{providerHost: p.example}, {providerHost: p.example}]\n    fallback: {providers: [q.example]}\n",
+        );
+        let error = Policy::from_text(&text).unwrap_err().to_string();
+        assert!(
+            error.contains("rules[0].backendRefs[1].providerHost: \"p.example\" is already"),
+            "{error}"
+        );
     }
 }

@@ -308,6 +308,7 @@ mod tests {
             stream,
             authorization: key.map(|k| format!("Bearer {k}")),
             model_mapping: Default::default(),
+            fallback: None,
         }
     }
 

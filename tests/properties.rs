@@ -45,6 +45,7 @@ fn call(model: Option<&str>, stream: Option<bool>) -> ProviderCall {
         stream,
         authorization: Some("Bearer sk-test".into()),
         model_mapping: Default::default(),
+        fallback: None,
     }
 }
 

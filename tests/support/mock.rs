@@ -120,6 +120,9 @@ pub struct Behavior {
     pub sse_gap: Duration,
     /// Abort the response (connection/stream reset) after this many content events.
     pub abort_after_events: Option<usize>,
+    /// Answer requests that came with this SNI (one provider host) with a fixed reply: one
+    /// mock serves every provider host, and each can fail on its own.
+    pub fixed_for_sni: Vec<(String, FixedReply)>,
 }
 
 impl Default for Behavior {
@@ -130,6 +133,7 @@ impl Default for Behavior {
             sse_events: 4,
             sse_gap: Duration::from_millis(20),
             abort_after_events: None,
+            fixed_for_sni: Vec::new(),
         }
     }
 }
@@ -518,6 +522,13 @@ async fn handle(
         tokio::time::sleep(behavior.header_delay).await;
     }
     if let Some(f) = &behavior.fixed {
+        return full(f.status, &f.content_type, f.body.clone(), id);
+    }
+    if let Some((_, f)) = behavior
+        .fixed_for_sni
+        .iter()
+        .find(|(sni, _)| info.sni.as_deref() == Some(sni.as_str()))
+    {
         return full(f.status, &f.content_type, f.body.clone(), id);
     }
     if !state.tls {

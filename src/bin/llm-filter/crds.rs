@@ -275,6 +275,33 @@ spec:
                             type: string
                             maxLength: 253
                             pattern: '^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$'
+                    fallback:
+                      description: Providers tried in order, at most once each, when the
+                        chosen backend fails (before the first response byte).
+                      type: object
+                      required:
+                      - providers
+                      properties:
+                        providers:
+                          description: providerHosts of LLMProviders, none a backendRef of the
+                            rule.
+                          type: array
+                          minItems: 1
+                          items:
+                            type: string
+                            maxLength: 253
+                            pattern: '^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$'
+                        "on":
+                          description: The failures that move on (default all three).
+                          type: array
+                          minItems: 1
+                          items:
+                            x-kubernetes-int-or-string: true
+                            enum:
+                            - connect-failure
+                            - 5xx
+                            - 429
+                            - "429"
 "#;
 
 #[cfg(test)]
@@ -284,7 +311,11 @@ mod tests {
     /// Every object schema with `properties` is structural: no `additionalProperties` next to
     /// them, a `type` everywhere.
     fn check_structural(schema: &serde_yaml::Value, path: &str) {
-        assert!(schema.get("type").is_some(), "{path}: no type");
+        let int_or_string = schema.get("x-kubernetes-int-or-string").is_some();
+        assert!(
+            schema.get("type").is_some() != int_or_string,
+            "{path}: no type (or a type next to x-kubernetes-int-or-string)"
+        );
         if let Some(properties) = schema.get("properties").and_then(|p| p.as_mapping()) {
             assert!(
                 schema.get("additionalProperties").is_none(),

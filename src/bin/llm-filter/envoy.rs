@@ -9,7 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
-use llm_filter::config::{FilterConfig, Settings};
+use llm_filter::config::{fallback_key, FallbackOn, FilterConfig, Settings, FALLBACK_HEADER};
+use llm_filter::metadata;
 use serde_yaml::{Mapping, Value};
 
 use crate::args::{EnvoyOptions, SocketAddr};
@@ -24,6 +25,8 @@ const ROUTE_TIMEOUT: &str = "300s";
 const CONNECT_TIMEOUT: &str = "10s";
 const LISTENER: &str = "llm";
 const WASM_FILTER: &str = "envoy.filters.http.wasm";
+/// The root id of the filter's upstream part (see `filter.rs`).
+const UPSTREAM_ROOT_ID: &str = "llm-filter-upstream";
 const ROUTER: &str = "envoy.filters.http.router";
 const CATCH_ALL: &str = "everything-else";
 const ACCESS_LOG_FORMAT: &str =
@@ -32,6 +35,7 @@ const ACCESS_LOG_FORMAT: &str =
 authority=%REQ(:AUTHORITY)% cluster=%UPSTREAM_CLUSTER% upstream=%UPSTREAM_HOST% \
 client=%DOWNSTREAM_REMOTE_ADDRESS% \
 provider=%FILTER_STATE(wasm.llm.provider:PLAIN)% rule=%FILTER_STATE(wasm.llm.rule:PLAIN)% \
+attempts=%FILTER_STATE(wasm.llm.attempts:PLAIN)% \
 model=%FILTER_STATE(wasm.llm.model:PLAIN)% \
 response_model=%FILTER_STATE(wasm.llm.response_model:PLAIN)% \
 prompt_tokens=%FILTER_STATE(wasm.llm.prompt_tokens:PLAIN)% \
@@ -72,13 +76,27 @@ pub fn render(
     let configuration = embedded_configuration(&embedded)?;
     let buffer_limit = buffer_limit(&config.settings);
 
+    let fallbacks = plan_fallbacks(config, &providers)?;
     let mut clusters: Vec<Value> = providers
         .iter()
-        .map(|p| provider_cluster(p, options, buffer_limit))
+        .map(|p| {
+            let tagged = fallbacks.iter().any(|f| f.clusters.contains(&p.name));
+            provider_cluster(p, options, buffer_limit, tagged)
+        })
         .collect();
+    let upstream_filter =
+        wasm_upstream_filter(&options.wasm, &configuration, &config.api_key_env_names());
+    clusters.extend(
+        fallbacks
+            .iter()
+            .map(|f| aggregate_cluster(f, &upstream_filter, buffer_limit)),
+    );
     clusters.extend(extends.iter().flat_map(|e| e.clusters.iter().cloned()));
 
-    let mut virtual_hosts: Vec<Value> = providers.iter().map(provider_virtual_host).collect();
+    let mut virtual_hosts: Vec<Value> = providers
+        .iter()
+        .map(|p| provider_virtual_host(p, &fallbacks))
+        .collect();
     let mut catch_all = None;
     for extend in &extends {
         for vh in &extend.virtual_hosts {
@@ -245,6 +263,83 @@ fn plan_providers(
                         plan.authorities.push(rewrite);
                     }
                 }
+            }
+        }
+    }
+    Ok(plans)
+}
+
+/// One rule with `fallback`, as chosen backend `first`: an aggregate cluster of the providers'
+/// clusters in the order Envoy tries them, and the route that sends the rule's marked requests
+/// there with a retry policy that moves one provider on per failure.
+#[derive(Debug)]
+struct FallbackPlan {
+    /// The aggregate cluster's name.
+    name: String,
+    /// `x-llm-fallback` of the rule's requests (`llm_filter::config::fallback_key`).
+    key: String,
+    /// The first provider's cluster (its virtual host gets the route).
+    first: String,
+    /// The sub-clusters: `first`, then the fallback providers' clusters, in order.
+    clusters: Vec<String>,
+    triggers: Vec<FallbackOn>,
+}
+
+/// Every (rule with fallback, backendRef) pair. Providers whose key is an `apiKeyFile` cannot
+/// take part: Envoy's credential injector runs per cluster, not per attempt.
+fn plan_fallbacks(
+    config: &FilterConfig,
+    providers: &[ProviderPlan],
+) -> Result<Vec<FallbackPlan>, String> {
+    let mut plans = Vec::new();
+    for route in &config.routes {
+        for (r, rule) in route.spec.rules.iter().enumerate() {
+            let Some(fallback) = &rule.fallback else {
+                continue;
+            };
+            let key = fallback_key(route.metadata.namespace(), &route.metadata.name, r);
+            let cluster_of = |host: &str, at: String| -> Result<String, String> {
+                let host = normalize_host(host);
+                let plan = providers
+                    .iter()
+                    .find(|p| p.host == host)
+                    .ok_or_else(|| format!("{at}: no LLMProvider has host {host:?}"))?;
+                if plan.key_file.is_some() {
+                    return Err(format!(
+                        "{at}: {} takes its key from apiKeyFile, which Envoy injects per \
+                         cluster, not per fallback attempt: use apiKey or apiKeyFromEnv for \
+                         providers in a fallback",
+                        plan.resource
+                    ));
+                }
+                Ok(plan.name.clone())
+            };
+            let resource = route.resource_name();
+            let mut rest = Vec::new();
+            for (f, host) in fallback.providers.iter().enumerate() {
+                rest.push(cluster_of(
+                    host,
+                    format!("{resource}: rules[{r}].fallback.providers[{f}]"),
+                )?);
+            }
+            for (b, backend) in rule.backend_refs.iter().enumerate() {
+                let first = cluster_of(
+                    &backend.provider_host,
+                    format!("{resource}: rules[{r}].backendRefs[{b}].providerHost"),
+                )?;
+                let mut clusters = vec![first.clone()];
+                clusters.extend(rest.iter().cloned());
+                plans.push(FallbackPlan {
+                    name: format!(
+                        "fallback.{}.{}.{r}.{first}",
+                        route.metadata.namespace(),
+                        route.metadata.name
+                    ),
+                    key: key.clone(),
+                    first,
+                    clusters,
+                    triggers: fallback.triggers(),
+                });
             }
         }
     }
@@ -494,6 +589,22 @@ fn wasm_filter(wasm: &str, configuration: &str, env_keys: &[String]) -> Value {
     ])
 }
 
+/// The filter's upstream part: the same module and configuration in the same VM, under the
+/// root id that makes it rewrite each fallback attempt.
+fn wasm_upstream_filter(wasm: &str, configuration: &str, env_keys: &[String]) -> Value {
+    let mut filter = wasm_filter(wasm, configuration, env_keys);
+    if let Some(config) = filter
+        .get_mut("typed_config")
+        .and_then(|t| t.get_mut("config"))
+        .and_then(Value::as_mapping_mut)
+    {
+        config.insert("name".into(), UPSTREAM_ROOT_ID.into());
+        config.insert("root_id".into(), UPSTREAM_ROOT_ID.into());
+        config.remove("allow_on_headers_stop_iteration");
+    }
+    filter
+}
+
 /// `apiKeyFile`: upstream filters of the provider's cluster. Envoy's `credential_injector` sets
 /// `authorization: Bearer <file content>` on each request to this cluster, replacing what the
 /// client sent; it runs after the router has logged the request, so the key appears in no log.
@@ -557,30 +668,189 @@ fn key_file_secret(p: &ProviderPlan) -> Option<Value> {
 }
 
 /// After the filter has set `:authority` to a provider host (or a `hostRewrite` of it),
-/// Envoy re-selects the route and lands here.
-fn provider_virtual_host(p: &ProviderPlan) -> Value {
+/// Envoy re-selects the route and lands here. A request of a rule with fallback carries
+/// `x-llm-fallback` and goes to the rule's aggregate cluster instead.
+fn provider_virtual_host(p: &ProviderPlan, fallbacks: &[FallbackPlan]) -> Value {
     let domains: Vec<String> = p
         .authorities
         .iter()
         .flat_map(|a| [a.clone(), format!("{a}:*")])
         .collect();
+    let mut routes: Vec<Value> = fallbacks
+        .iter()
+        .filter(|f| f.first == p.name)
+        .map(fallback_route)
+        .collect();
+    routes.push(map([
+        ("match", map([("prefix", "/".into())])),
+        (
+            "route",
+            map([
+                ("cluster", p.name.as_str().into()),
+                ("timeout", ROUTE_TIMEOUT.into()),
+                // No idle timeout: a streamed answer may pause between events.
+                ("idle_timeout", "0s".into()),
+            ]),
+        ),
+    ]));
     map([
         ("name", p.name.as_str().into()),
         ("domains", strings(&domains)),
-        (
-            "routes",
-            Value::Sequence(vec![map([
-                ("match", map([("prefix", "/".into())])),
-                (
-                    "route",
-                    map([
-                        ("cluster", p.name.as_str().into()),
-                        ("timeout", ROUTE_TIMEOUT.into()),
-                        // No idle timeout: a streamed answer may pause between events.
-                        ("idle_timeout", "0s".into()),
-                    ]),
+        ("routes", Value::Sequence(routes)),
+    ])
+}
+
+/// Envoy's `retry_on` for the configured triggers, and the retriable status codes.
+fn retry_on(triggers: &[FallbackOn]) -> (String, Vec<u64>) {
+    let mut on: Vec<&str> = Vec::new();
+    let mut codes = Vec::new();
+    for trigger in triggers {
+        let (names, code): (&[&str], _) = match trigger {
+            FallbackOn::ConnectFailure => (&["connect-failure", "refused-stream"], None),
+            FallbackOn::ServerError => (&["5xx"], None),
+            FallbackOn::RateLimited => (&["retriable-status-codes"], Some(429)),
+        };
+        for name in names {
+            if !on.contains(name) {
+                on.push(name);
+            }
+        }
+        if let Some(code) = code {
+            if !codes.contains(&code) {
+                codes.push(code);
+            }
+        }
+    }
+    (on.join(","), codes)
+}
+
+/// The route of one fallback: the marked requests go to the aggregate cluster; each failure
+/// moves on to the next priority (the next provider), never back to one already tried.
+fn fallback_route(f: &FallbackPlan) -> Value {
+    let (on, codes) = retry_on(&f.triggers);
+    let tries = f.clusters.len().saturating_sub(1) as u64;
+    let mut policy = Mapping::new();
+    policy.insert("retry_on".into(), on.into());
+    if !codes.is_empty() {
+        policy.insert(
+            "retriable_status_codes".into(),
+            Value::Sequence(codes.into_iter().map(Value::from).collect()),
+        );
+    }
+    policy.insert("num_retries".into(), tries.into());
+    policy.insert(
+        "retry_priority".into(),
+        map([
+            ("name", "envoy.retry_priorities.previous_priorities".into()),
+            (
+                "typed_config",
+                typed(
+                    "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                    [("update_frequency", 1u64.into())],
                 ),
-            ])]),
+            ),
+        ]),
+    );
+    policy.insert(
+        "retry_host_predicate".into(),
+        Value::Sequence(vec![map([
+            ("name", "envoy.retry_host_predicates.previous_hosts".into()),
+            (
+                "typed_config",
+                typed(
+                    "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
+                    [],
+                ),
+            ),
+        ])]),
+    );
+    policy.insert("host_selection_retry_max_attempts".into(), 5u64.into());
+    // The next provider is a different service: no reason to wait long before asking it.
+    policy.insert(
+        "retry_back_off".into(),
+        map([
+            ("base_interval", "0.01s".into()),
+            ("max_interval", "0.05s".into()),
+        ]),
+    );
+    map([
+        (
+            "match",
+            map([
+                ("prefix", "/".into()),
+                (
+                    "headers",
+                    Value::Sequence(vec![map([
+                        ("name", FALLBACK_HEADER.into()),
+                        ("string_match", map([("exact", f.key.as_str().into())])),
+                    ])]),
+                ),
+            ]),
+        ),
+        (
+            "route",
+            map([
+                ("cluster", f.name.as_str().into()),
+                ("timeout", ROUTE_TIMEOUT.into()),
+                ("idle_timeout", "0s".into()),
+                ("retry_policy", Value::Mapping(policy)),
+            ]),
+        ),
+    ])
+}
+
+/// The aggregate cluster of one fallback: its sub-clusters' priorities in order, and the
+/// filter's upstream part, which rewrites every attempt for the provider it goes to.
+fn aggregate_cluster(f: &FallbackPlan, upstream_filter: &Value, buffer_limit: u64) -> Value {
+    map([
+        ("name", f.name.as_str().into()),
+        ("connect_timeout", CONNECT_TIMEOUT.into()),
+        ("lb_policy", "CLUSTER_PROVIDED".into()),
+        ("per_connection_buffer_limit_bytes", buffer_limit.into()),
+        (
+            "cluster_type",
+            map([
+                ("name", "envoy.clusters.aggregate".into()),
+                (
+                    "typed_config",
+                    typed(
+                        "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                        [("clusters", strings(&f.clusters))],
+                    ),
+                ),
+            ]),
+        ),
+        (
+            "typed_extension_protocol_options",
+            map([(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                typed(
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    [
+                        (
+                            "use_downstream_protocol_config",
+                            Value::Mapping(Mapping::new()),
+                        ),
+                        (
+                            "http_filters",
+                            Value::Sequence(vec![upstream_filter.clone(), upstream_codec()]),
+                        ),
+                    ],
+                ),
+            )]),
+        ),
+    ])
+}
+
+fn upstream_codec() -> Value {
+    map([
+        ("name", "envoy.filters.http.upstream_codec".into()),
+        (
+            "typed_config",
+            typed(
+                "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec",
+                [],
+            ),
         ),
     ])
 }
@@ -614,7 +884,14 @@ fn default_catch_all() -> Value {
 
 /// Plain HTTP from the client, HTTPS to the provider: SNI and certificate check name the
 /// provider host even when `--endpoint` connects elsewhere.
-fn provider_cluster(p: &ProviderPlan, options: &EnvoyOptions, buffer_limit: u64) -> Value {
+/// `tagged`: the provider takes part in a fallback, so its endpoint carries
+/// `filter_metadata.llm.provider` (the filter's upstream part tells attempts apart by it).
+fn provider_cluster(
+    p: &ProviderPlan,
+    options: &EnvoyOptions,
+    buffer_limit: u64,
+    tagged: bool,
+) -> Value {
     let default_endpoint = SocketAddr::new(&p.host, 443);
     let endpoint = p.endpoint.as_ref().unwrap_or(&default_endpoint);
     let is_ip = endpoint.address.parse::<std::net::IpAddr>().is_ok();
@@ -639,10 +916,7 @@ fn provider_cluster(p: &ProviderPlan, options: &EnvoyOptions, buffer_limit: u64)
                 "endpoints",
                 Value::Sequence(vec![map([(
                     "lb_endpoints",
-                    Value::Sequence(vec![map([(
-                        "endpoint",
-                        map([("address", socket_address(endpoint))]),
-                    )])]),
+                    Value::Sequence(vec![lb_endpoint(endpoint, tagged.then_some(&p.host))]),
                 )])]),
             ),
         ]),
@@ -705,6 +979,26 @@ fn provider_cluster(p: &ProviderPlan, options: &EnvoyOptions, buffer_limit: u64)
         ]),
     );
     Value::Mapping(cluster)
+}
+
+fn lb_endpoint(endpoint: &SocketAddr, provider: Option<&String>) -> Value {
+    let endpoint = map([("endpoint", map([("address", socket_address(endpoint))]))]);
+    match (endpoint, provider) {
+        (Value::Mapping(mut m), Some(host)) => {
+            m.insert(
+                "metadata".into(),
+                map([(
+                    "filter_metadata",
+                    map([(
+                        metadata::NAMESPACE,
+                        map([(metadata::PROVIDER_KEY, host.as_str().into())]),
+                    )]),
+                )]),
+            );
+            Value::Mapping(m)
+        }
+        (endpoint, _) => endpoint,
+    }
 }
 
 /// An `--extend` file: Envoy fragments added around what the manifests give.
@@ -1282,6 +1576,113 @@ mod tests {
         let error = render(&config(MESH), &missing, &files()).unwrap_err();
         assert!(
             error.starts_with("/nonexistent/extend.yaml: cannot read:"),
+            "{error}"
+        );
+    }
+
+    const FALLBACK: &str = "apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: dashscope-qwen}
+spec:
+  host: dashscope.aliyuncs.com
+  path: /compatible-mode/v1/chat/completions
+  configs: {defaultConfig: {openAIConfig: {model: qwen-turbo, apiKey: sk-a}}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: moonshot}
+spec:
+  host: api.moonshot.cn
+  path: /v1/chat/completions
+  configs: {defaultConfig: {openAIConfig: {model: moonshot-v1-8k, apiKey: sk-b}}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: ha, namespace: team}
+spec:
+  host: test.com
+  rules:
+  - name: ha
+    backendRefs: [{providerHost: dashscope.aliyuncs.com}]
+    fallback: {providers: [api.moonshot.cn], on: [connect-failure, 429]}
+";
+
+    #[test]
+    fn fallback_gets_an_aggregate_cluster_a_retry_route_and_tagged_endpoints() {
+        let doc = rendered(FALLBACK, &EnvoyOptions::default());
+        let name = "fallback.team.ha.0.dashscope-qwen";
+        let aggregate = cluster(&doc, name);
+        assert_eq!(
+            aggregate["cluster_type"]["typed_config"]["clusters"],
+            serde_yaml::from_str::<Value>("[dashscope-qwen, moonshot]").unwrap()
+        );
+        let options = &aggregate["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+        let filters = options["http_filters"].as_sequence().unwrap();
+        assert_eq!(filters.len(), 2);
+        assert_eq!(
+            filters[0]["typed_config"]["config"]["root_id"],
+            UPSTREAM_ROOT_ID
+        );
+        assert_eq!(filters[1]["name"], "envoy.filters.http.upstream_codec");
+        for (cluster_name, host) in [
+            ("dashscope-qwen", "dashscope.aliyuncs.com"),
+            ("moonshot", "api.moonshot.cn"),
+        ] {
+            let endpoint =
+                &cluster(&doc, cluster_name)["load_assignment"]["endpoints"][0]["lb_endpoints"][0];
+            assert_eq!(
+                endpoint["metadata"]["filter_metadata"]["llm"]["provider"],
+                host
+            );
+        }
+        let vhosts = hcm(&doc)["route_config"]["virtual_hosts"]
+            .as_sequence()
+            .unwrap();
+        let dashscope = vhosts
+            .iter()
+            .find(|v| v["name"] == "dashscope-qwen")
+            .unwrap();
+        let routes = dashscope["routes"].as_sequence().unwrap();
+        assert_eq!(routes.len(), 2, "{routes:?}");
+        let first = &routes[0];
+        assert_eq!(first["match"]["headers"][0]["name"], "x-llm-fallback");
+        assert_eq!(
+            first["match"]["headers"][0]["string_match"]["exact"],
+            "team/ha/0"
+        );
+        let retry = &first["route"]["retry_policy"];
+        assert_eq!(first["route"]["cluster"], name);
+        assert_eq!(
+            retry["retry_on"],
+            "connect-failure,refused-stream,retriable-status-codes"
+        );
+        assert_eq!(retry["retriable_status_codes"][0], 429);
+        assert_eq!(retry["num_retries"], 1);
+        assert_eq!(
+            retry["retry_priority"]["name"],
+            "envoy.retry_priorities.previous_priorities"
+        );
+        assert_eq!(routes[1]["route"]["cluster"], "dashscope-qwen");
+        let moonshot = vhosts.iter().find(|v| v["name"] == "moonshot").unwrap();
+        assert_eq!(moonshot["routes"].as_sequence().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn without_fallback_nothing_changes_and_key_files_are_refused_in_one() {
+        let yaml = render(&config(MESH), &EnvoyOptions::default(), &files()).unwrap();
+        for absent in [
+            "fallback.",
+            UPSTREAM_ROOT_ID,
+            "filter_metadata",
+            "retry_policy",
+        ] {
+            assert!(!yaml.contains(absent), "{absent}: {yaml}");
+        }
+        let text = FALLBACK.replace("apiKey: sk-b", "apiKeyFile: /etc/keys/moonshot");
+        let error = render(&config(&text), &EnvoyOptions::default(), &files()).unwrap_err();
+        assert!(
+            error.contains("LLMRoute team/ha: rules[0].fallback.providers[0]: LLMProvider default/moonshot takes its key from apiKeyFile"),
             "{error}"
         );
     }

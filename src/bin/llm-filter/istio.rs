@@ -53,6 +53,19 @@ pub fn render(config: &FilterConfig, options: &IstioOptions) -> Result<String, S
             provider.resource_name()
         ));
     }
+    // Fallback needs the filter's upstream part on an aggregate cluster per rule, which a
+    // WasmPlugin cannot place: refuse loudly rather than ship a route that silently never
+    // falls back (see the README's "Not done yet").
+    for route in &config.routes {
+        if let Some(r) = route.spec.rules.iter().position(|r| r.fallback.is_some()) {
+            return Err(format!(
+                "{}: rules[{r}].fallback: only `render envoy` supports it so far (an aggregate \
+                 cluster and the filter's upstream part per rule); `render istio` does not \
+                 emit the EnvoyFilters it needs yet",
+                route.resource_name()
+            ));
+        }
+    }
     let mut documents = wasm_plugins(config, options)?;
     documents.extend(provider_resources(config));
     documents.extend(virtual_services(config)?);
@@ -998,6 +1011,21 @@ spec:
         let embedded = config["configuration"]["value"].as_str().unwrap();
         let policy = llm_filter::policy::Policy::from_text(embedded).unwrap();
         assert!(policy.forward_after_body);
+    }
+
+    #[test]
+    fn fallback_is_refused_naming_the_rule() {
+        let text = provider("a", "default", "a.example", "")
+            + "---\n"
+            + &provider("b", "default", "b.example", "")
+            + "---\napiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: ha}\n\
+               spec:\n  host: a.example\n  rules:\n  - backendRefs: [{providerHost: a.example}]\n\
+               \x20   fallback: {providers: [b.example]}\n";
+        let error = render(&config(&text), &IstioOptions::default()).unwrap_err();
+        assert!(
+            error.contains("LLMRoute default/ha: rules[0].fallback: only `render envoy`"),
+            "{error}"
+        );
     }
 
     #[test]

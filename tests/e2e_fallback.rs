@@ -1,0 +1,261 @@
+#![cfg(not(target_arch = "wasm32"))]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Cross-provider fallback (issue 9) through the bootstrap `llm-filter render envoy` writes:
+//! Envoy retries a failed request on the next provider through an aggregate cluster, and the
+//! filter's upstream part rewrites each attempt for its own provider. One mock serves both
+//! provider hosts on one address, so attempts can only be told apart by the endpoint metadata
+//! the bootstrap attaches (never by address); the mock records each attempt's SNI, path, model
+//! and key.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::client::{Req, SEED_BODY};
+use support::envoy::Envoy;
+use support::mock::{Behavior, FixedReply, MockServer, Recorded};
+use support::*;
+
+const KEY_A: &str = "sk-fallback-dashscope";
+const KEY_B: &str = "sk-fallback-moonshot";
+
+const MANIFESTS: &str = "\
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: dashscope-qwen}
+spec:
+  host: dashscope.aliyuncs.com
+  path: /compatible-mode/v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig: {model: qwen-turbo, apiKey: sk-fallback-dashscope}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: moonshot}
+spec:
+  host: api.moonshot.cn
+  path: /v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig:
+        model: moonshot-v1-8k
+        apiKey: sk-fallback-moonshot
+        modelMapping: {gpt-4o: moonshot-v1-32k}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: ha-route}
+spec:
+  host: test.com
+  rules:
+  - name: ha
+    backendRefs:
+    - providerHost: dashscope.aliyuncs.com
+    fallback:
+      providers: [api.moonshot.cn]
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: plain-route}
+spec:
+  host: plain.com
+  rules:
+  - backendRefs:
+    - providerHost: dashscope.aliyuncs.com
+";
+
+/// `render envoy` of the manifests with both provider hosts at `dashscope` / `moonshot`.
+fn render(dashscope: &str, moonshot: &str) -> String {
+    let addr = |a: &str| a.parse().expect("a socket address");
+    render_envoy(
+        "fallback-manifests",
+        MANIFESTS,
+        &[(DASHSCOPE, addr(dashscope)), (MOONSHOT, addr(moonshot))],
+    )
+}
+
+fn fail(sni: &str, status: u16, message: &str) -> (String, FixedReply) {
+    (
+        sni.to_string(),
+        FixedReply {
+            status,
+            content_type: "application/json".into(),
+            body: format!(r#"{{"error": {{"message": "{message}"}}}}"#).into_bytes(),
+        },
+    )
+}
+
+fn assert_dashscope_attempt(r: &Recorded) {
+    assert_eq!(r.sni.as_deref(), Some(DASHSCOPE));
+    assert_eq!(r.authority.as_deref(), Some(DASHSCOPE));
+    assert_eq!(r.path, DASHSCOPE_PATH);
+    assert_eq!(r.model().as_deref(), Some("qwen-turbo"));
+    assert_bearer(r, KEY_A);
+    assert!(r.header("x-llm-fallback").is_none(), "marker leaked: {r:?}");
+}
+
+fn assert_moonshot_attempt(r: &Recorded) {
+    assert_eq!(r.sni.as_deref(), Some(MOONSHOT));
+    assert_eq!(r.authority.as_deref(), Some(MOONSHOT));
+    assert_eq!(r.path, MOONSHOT_PATH);
+    assert_eq!(r.model().as_deref(), Some("moonshot-v1-8k"));
+    assert_bearer(r, KEY_B);
+    assert!(r.header("x-llm-fallback").is_none(), "marker leaked: {r:?}");
+    let json = r.json().unwrap();
+    assert_eq!(json["messages"][0]["role"], "user", "{json}");
+}
+
+#[tokio::test]
+async fn failures_fall_back_to_the_next_provider_rewritten_for_it() {
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    let at = mock.addr().to_string();
+    let yaml = render(&at, &at);
+    let envoy = Envoy::start(&yaml, "fallback");
+    let addr = envoy.addr;
+    let send = |req: Req| async move { support::client::send(addr, &req).await };
+
+    // 503, then 429: the client gets the second provider's answer; the mock saw both attempts,
+    // each rewritten for its own provider.
+    for status in [503, 429] {
+        mock.clear();
+        mock.set_behavior(Behavior {
+            fixed_for_sni: vec![fail(DASHSCOPE, status, "dashscope is down")],
+            ..Behavior::default()
+        });
+        let resp = send(Req::chat("test.com", SEED_BODY)).await;
+        assert_eq!(resp.status, 200, "{status}: {}", resp.text());
+        assert!(
+            resp.text().contains("mock of api.moonshot.cn"),
+            "{}",
+            resp.text()
+        );
+        assert!(resp.header("x-llm-answered-by").is_none());
+        assert!(resp.header("x-llm-attempt").is_none());
+        let seen = mock.requests();
+        assert_eq!(seen.len(), 2, "{status}: {seen:#?}");
+        assert_dashscope_attempt(&seen[0]);
+        assert_moonshot_attempt(&seen[1]);
+        assert_logged(
+            &envoy,
+            "provider=moonshot rule=ha attempts=dashscope-qwen,moonshot model=moonshot-v1-8k",
+        );
+    }
+
+    // The first provider got its own model; the next one maps the client's model, not that.
+    mock.clear();
+    mock.set_behavior(Behavior {
+        fixed_for_sni: vec![fail(DASHSCOPE, 503, "dashscope is down")],
+        ..Behavior::default()
+    });
+    let body = r#"{"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}"#;
+    let resp = send(Req::chat("test.com", body)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].model().as_deref(), Some("qwen-turbo"));
+    assert_eq!(seen[1].model().as_deref(), Some("moonshot-v1-32k"));
+    assert_eq!(seen[1].path, MOONSHOT_PATH);
+    assert_bearer(&seen[1], KEY_B);
+
+    // No failure: one attempt, the chosen backend's.
+    mock.clear();
+    mock.set_behavior(Behavior::default());
+    let resp = send(Req::chat("test.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_dashscope_attempt(&seen[0]);
+    assert_logged(
+        &envoy,
+        "provider=dashscope-qwen rule=ha attempts=dashscope-qwen ",
+    );
+
+    // Every provider fails: the last provider's error, promptly, after one attempt each.
+    mock.clear();
+    mock.set_behavior(Behavior {
+        fixed_for_sni: vec![
+            fail(DASHSCOPE, 503, "dashscope is down"),
+            fail(MOONSHOT, 500, "moonshot is down too"),
+        ],
+        ..Behavior::default()
+    });
+    let started = Instant::now();
+    let resp = send(Req::chat("test.com", SEED_BODY)).await;
+    let took = started.elapsed();
+    assert_eq!(resp.status, 500, "{}", resp.text());
+    assert!(
+        resp.text().contains("moonshot is down too"),
+        "{}",
+        resp.text()
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(mock.requests().len(), 2);
+
+    // A route without fallback is as before: the failure goes to the client, one attempt. A
+    // client's own marker is dropped: it cannot steer a request into another rule's fallback.
+    mock.clear();
+    let resp =
+        send(Req::chat("plain.com", SEED_BODY).header("x-llm-fallback", "default/ha-route/0"))
+            .await;
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert!(resp.text().contains("dashscope is down"), "{}", resp.text());
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_dashscope_attempt(&seen[0]);
+
+    // A streamed request falls back before its first byte, then streams unbuffered.
+    mock.clear();
+    mock.set_behavior(Behavior {
+        fixed_for_sni: vec![fail(DASHSCOPE, 503, "dashscope is down")],
+        sse_events: 4,
+        sse_gap: Duration::from_millis(250),
+        ..Behavior::default()
+    });
+    let body = r#"{"messages": [{"role": "user", "content": "Hello!"}], "stream": true}"#;
+    let resp = send(Req::chat("test.com", body)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let events = resp.sse_events();
+    assert!(events.len() >= 4, "{events:?}");
+    let spread = events.last().unwrap().0 - events[0].0;
+    assert!(
+        spread >= Duration::from_millis(600),
+        "events arrived together ({spread:?}): the stream was buffered"
+    );
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2);
+    assert_dashscope_attempt(&seen[0]);
+    assert_moonshot_attempt(&seen[1]);
+    assert_eq!(seen[1].json().unwrap()["stream"], true);
+}
+
+#[tokio::test]
+async fn a_refused_connection_falls_back() {
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let yaml = render(&closed.to_string(), &mock.addr().to_string());
+    let envoy = Envoy::start(&yaml, "fallback-refused");
+    let started = Instant::now();
+    let resp = support::client::send(envoy.addr, &Req::chat("test.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert_moonshot_attempt(&seen[0]);
+    assert_logged(
+        &envoy,
+        "provider=moonshot rule=ha attempts=dashscope-qwen,moonshot",
+    );
+}
+
+/// The access log records which providers were tried and which answered.
+fn assert_logged(envoy: &Envoy, needle: &str) {
+    let log = envoy.wait_for_log(needle, Duration::from_secs(5));
+    assert!(
+        log.contains(needle),
+        "{needle:?} not in the access log:\n{log}"
+    );
+}
