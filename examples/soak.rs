@@ -39,6 +39,9 @@ fn main() -> std::process::ExitCode {
 }
 
 #[cfg(not(target_arch = "wasm32"))]
+#[path = "../tests/support/admin.rs"]
+mod admin;
+#[cfg(not(target_arch = "wasm32"))]
 #[path = "../tests/support/mock.rs"]
 #[allow(dead_code)]
 mod mock;
@@ -49,6 +52,7 @@ mod patch;
 
 #[cfg(not(target_arch = "wasm32"))]
 mod host {
+    use super::admin::{admin_get, wasm_failure_lines};
     use super::{mock, patch};
 
     use http_body_util::{BodyExt, Full};
@@ -56,25 +60,13 @@ mod host {
     use hyper_util::rt::TokioIo;
     use mock::{Behavior, MockServer, TestPki};
     use std::collections::BTreeMap;
-    use std::io::{Read, Write};
-    use std::net::{SocketAddr, TcpStream};
+    use std::net::SocketAddr;
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
-    /// The same needles as `tests/support/envoy.rs` `WASM_FAILURES` (that file needs the
-    /// test-only `CARGO_TARGET_TMPDIR`, so it cannot be shared with an example).
-    const WASM_FAILURES: &[&str] = &[
-        "llm-filter: panic",
-        "panicked at",
-        "Function: proxy_on_",
-        "Uncaught RuntimeError",
-        "in-VM backtrace",
-        "wasm_fail_stream",
-        "Plugin configured to fail closed",
-    ];
     const RSS_AT: usize = 10_000;
 
     struct Args {
@@ -227,47 +219,6 @@ mod host {
     }
 
     // ------------------------------------------------------------------ Envoy
-
-    fn admin_get(admin: SocketAddr, path: &str) -> Result<(u16, String), String> {
-        let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2))
-            .map_err(|e| format!("admin connect {admin}: {e}"))?;
-        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-        )
-        .map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&raw).to_string();
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| format!("admin {path}: malformed answer"))?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("admin {path}: no status"))?;
-        let chunked = head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked");
-        Ok((status, if chunked { dechunk(body) } else { body.into() }))
-    }
-
-    fn dechunk(mut rest: &str) -> String {
-        let mut out = String::new();
-        while let Some((size, after)) = rest.split_once("\r\n") {
-            let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-                break;
-            };
-            if n == 0 || after.len() < n {
-                break;
-            }
-            out.push_str(&after[..n]);
-            rest = after[n..].trim_start_matches("\r\n");
-        }
-        out
-    }
 
     struct Envoy {
         child: Child,
@@ -631,10 +582,7 @@ mod host {
             running = false;
         }
         let log = std::fs::read_to_string(&envoy.log).unwrap_or_default();
-        let wasm_failures: Vec<&str> = log
-            .lines()
-            .filter(|l| WASM_FAILURES.iter().any(|n| l.contains(n)))
-            .collect();
+        let wasm_failures = wasm_failure_lines(&log);
         let access_lines = log.lines().filter(|l| l.contains(" provider=")).count();
         drop(envoy);
 

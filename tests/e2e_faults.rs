@@ -16,8 +16,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use support::admin::{admin_get, wasm_failure_lines};
 use support::client::{Req, Resp, SEED_BODY};
-use support::envoy::{admin_get, wasm_failure_lines, Envoy};
+use support::envoy::Envoy;
 use support::mock::{Behavior, FixedReply, MockServer};
 use support::*;
 

@@ -33,7 +33,7 @@ async fn assert_filter_healthy(s: &mut Stack) {
         log.contains("hostile-check"),
         "the access log was not written"
     );
-    let failures = support::envoy::wasm_failure_lines(&log);
+    let failures = support::admin::wasm_failure_lines(&log);
     assert!(
         failures.is_empty(),
         "Envoy's log shows a wasm failure:\n{}",

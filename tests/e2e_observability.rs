@@ -9,8 +9,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use support::admin::admin_get;
 use support::client::{Req, SEED_BODY};
-use support::envoy::admin_get;
 use support::mock::{Behavior, FixedReply};
 use support::*;
 

@@ -18,8 +18,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::admin::admin_get;
 use support::client::{Req, SEED_BODY};
-use support::envoy::{admin_get, temp_dir};
+use support::envoy::temp_dir;
 use support::mock::{Behavior, FixedReply};
 use support::*;
 

@@ -34,8 +34,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde_yaml::{Mapping, Value};
+use support::admin::wasm_failure_lines;
 use support::client::SEED_BODY;
-use support::envoy::{wasm_failure_lines, Envoy};
+use support::envoy::Envoy;
 use support::mock::MockServer;
 use support::*;
 

@@ -1,12 +1,13 @@
 //! Runs the real Envoy binary on a patched config: its own temp dir, kernel-chosen listener
 //! and admin ports, logs to a file that is printed when the test fails, killed on drop.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use super::admin::admin_get;
 
 /// The Envoy binary: `$ENVOY`, else `<repo>/.venv/bin/envoy`. Missing → the test fails.
 pub fn envoy_binary() -> PathBuf {
@@ -80,73 +81,6 @@ fn spawn_with(config_yaml: &str, dir: &Path, launch: Launch<'_>) -> Child {
         .stderr(log2)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", envoy_binary().display()))
-}
-
-/// One GET on Envoy's admin interface; returns (status, body).
-pub fn admin_get(admin: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2))
-        .map_err(|e| format!("admin connect {admin}: {e}"))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    // Envoy refuses HTTP/1.0 unless configured to accept it.
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("admin {path}: malformed answer"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("admin {path}: no status"))?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// What Envoy logs when the filter traps (a Rust panic is an `unreachable` trap in wasm), its
-/// VM fails, or a fail-closed plugin refuses traffic. A healthy run logs none of them.
-pub const WASM_FAILURES: &[&str] = &[
-    "llm-filter: panic",
-    "panicked at",
-    "Function: proxy_on_",
-    "Uncaught RuntimeError",
-    "in-VM backtrace",
-    "wasm_fail_stream",
-    "Plugin configured to fail closed",
-];
-
-/// The lines of `log` that show a wasm failure (see [`WASM_FAILURES`]).
-pub fn wasm_failure_lines(log: &str) -> Vec<&str> {
-    log.lines()
-        .filter(|l| WASM_FAILURES.iter().any(|n| l.contains(n)))
-        .collect()
 }
 
 /// A running Envoy.

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod client;
 pub mod envoy;
 pub mod jwt;
