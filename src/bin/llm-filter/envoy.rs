@@ -796,6 +796,12 @@ fn fallback_route(f: &FallbackPlan) -> Value {
                 ("retry_policy", Value::Mapping(policy)),
             ]),
         ),
+        // The marker has chosen this route; the upstream part reads the rule from filter
+        // state, so Envoy drops the header before the first attempt (no host call for it).
+        (
+            "request_headers_to_remove",
+            Value::Sequence(vec![FALLBACK_HEADER.into()]),
+        ),
     ])
 }
 
@@ -1653,6 +1659,11 @@ spec:
         );
         let retry = &first["route"]["retry_policy"];
         assert_eq!(first["route"]["cluster"], name);
+        // Envoy drops the marker before the first attempt; the upstream part does not need it.
+        assert_eq!(
+            first["request_headers_to_remove"],
+            Value::Sequence(vec!["x-llm-fallback".into()])
+        );
         assert_eq!(
             retry["retry_on"],
             "connect-failure,refused-stream,retriable-status-codes"
