@@ -387,34 +387,79 @@ fn write_request_headers(context_id: u32, before: &Headers, after: &Headers) {
 }
 
 /// The client's headers rewritten for `call`. A call with fallback also gets the marker that
-/// sends it to its rule's aggregate cluster, and its rule key goes to filter state
-/// `llm.fallback` for the upstream part (set now: without `forwardAfterBody` the first attempt
-/// starts before the body is read). A marker the client sent is always dropped: it must not
-/// steer a request into another rule's fallback.
+/// sends it to its rule's aggregate cluster (see `mark_fallback` for what the upstream part
+/// reads). A marker the client sent is always dropped: it must not steer a request into
+/// another rule's fallback.
 fn headers_for(call: &ProviderCall, headers: &Headers) -> Headers {
     let mut after = headers.clone();
     rewrite_headers(call, &mut after);
     after.retain(|(k, _)| k != FALLBACK_HEADER);
-    if let (Some(marker), Some((key, _))) = (&call.fallback, call.fallback_parts()) {
+    if let Some((key, _)) = call.fallback_parts() {
         after.push((FALLBACK_HEADER.to_string(), key.as_bytes().to_vec()));
-        set_filter_state("llm.fallback", marker.as_bytes());
     }
     after
 }
 
-/// The answer of a request with fallback: when a later attempt answered, the upstream part
-/// said which provider and on which attempt (no headers: the first attempt answered). Records `llm.provider` (the one that answered) and `llm.attempts` (every
-/// provider tried, in order: Envoy tries the aggregate cluster's providers in order), counts
-/// the answer for the provider that gave it, and removes the internal headers.
-fn record_attempts(policy: &Policy, upstream: &mut Upstream, key: &[u8], headers: &Headers) {
-    let Some(host) = policy::header(headers, ANSWERED_BY) else {
+/// Filter state `llm.fallback` for the upstream part: `<rule key> <chosen provider host>`,
+/// then, once the body is known and its model was replaced, a line with the client's model
+/// (`CLIENT_MODEL_LINE`). One host call per request: with held headers the first attempt
+/// cannot start before the body is read, so both go together; without, the key is set at
+/// header time and the client's model separately (`llm.client_model`) at body time.
+fn mark_fallback(call: &ProviderCall, client_model: Option<&[u8]>) {
+    let Some(marker) = &call.fallback else {
         return;
     };
-    let attempt = policy::header(headers, ATTEMPT)
-        .and_then(|a| std::str::from_utf8(a).ok())
-        .and_then(|a| a.parse::<usize>().ok())
-        .unwrap_or(1);
-    if let Some(call) = policy.attempt_call(key, host) {
+    match client_model {
+        Some(model) => {
+            let mut value = Vec::with_capacity(marker.len() + 1 + model.len());
+            value.extend_from_slice(marker.as_bytes());
+            value.push(CLIENT_MODEL_LINE);
+            value.extend_from_slice(model);
+            set_filter_state("llm.fallback", &value);
+        }
+        None => set_filter_state("llm.fallback", marker.as_bytes()),
+    }
+}
+
+/// Separates the client's model from the rule key and provider in `llm.fallback` (a model's
+/// JSON text has no raw newline).
+const CLIENT_MODEL_LINE: u8 = b'\n';
+
+/// The answer of a request with fallback. When a later attempt answered, the upstream part
+/// said which provider and on which attempt; when Envoy answered itself (5xx) after more than
+/// one attempt, the last provider tried could not be reached (Envoy's attempt count says which
+/// one); otherwise the first provider answered and nothing changes. Records `llm.provider` (the
+/// provider that answered, or failed last) and `llm.attempts` (every provider tried, in order:
+/// Envoy tries the aggregate cluster's providers in order), counts the answer for that
+/// provider, and removes the internal headers.
+fn record_attempts(policy: &Policy, upstream: &mut Upstream, key: &[u8], headers: &Headers) {
+    let answered = policy::header(headers, ANSWERED_BY);
+    let (call, attempt) = match answered {
+        Some(host) => {
+            let attempt = policy::header(headers, ATTEMPT)
+                .and_then(|a| std::str::from_utf8(a).ok())
+                .and_then(|a| a.parse::<usize>().ok())
+                .unwrap_or(1);
+            (policy.attempt_call(key, host), attempt)
+        }
+        None => {
+            let failed = policy::header(headers, ":status").is_some_and(|s| s.starts_with(b"5"));
+            if !failed {
+                return;
+            }
+            let attempt = hostcalls::get_property(vec!["upstream", "request_attempt_count"])
+                .ok()
+                .flatten()
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(1, u64::from_le_bytes);
+            let attempt = usize::try_from(attempt).unwrap_or(usize::MAX);
+            if attempt <= 1 {
+                return;
+            }
+            (policy.attempt_at(key, &upstream.call, attempt), attempt)
+        }
+    };
+    if let Some(call) = call {
         let tried = policy.attempt_order(key, &upstream.call);
         let mut attempts: Vec<&str> = tried
             .iter()
@@ -436,6 +481,9 @@ fn record_attempts(policy: &Policy, upstream: &mut Upstream, key: &[u8], headers
             upstream.series = None;
         }
     }
+    if answered.is_none() {
+        return;
+    }
     for name in [ANSWERED_BY, ATTEMPT] {
         if let Err(status) =
             hostcalls::set_map_value_bytes(MapType::HttpResponseHeaders, name, None)
@@ -456,8 +504,13 @@ struct AttemptHttp {
     call: Option<Attempt>,
 }
 
-/// A later attempt: its provider's call and host.
-type Attempt = (Rc<ProviderCall>, Vec<u8>);
+/// A later attempt: its provider's call and host, and the client's model if the downstream
+/// part replaced it (`llm.fallback`'s second line; `None`: see `llm.client_model`).
+struct Attempt {
+    call: Rc<ProviderCall>,
+    host: Vec<u8>,
+    client_model: Option<Vec<u8>>,
+}
 
 impl AttemptHttp {
     /// The call for this attempt: the request's rule (filter state `llm.fallback`, set by the
@@ -469,8 +522,12 @@ impl AttemptHttp {
             .ok()
             .flatten()
             .ok_or(())?;
-        let marker = String::from_utf8(marker).map_err(|_| ())?;
-        let (key, chosen) = policy::split_fallback(&marker);
+        let (marker, client_model) = match marker.iter().position(|&b| b == CLIENT_MODEL_LINE) {
+            Some(i) => (&marker[..i], Some(marker[i + 1..].to_vec())),
+            None => (&marker[..], None),
+        };
+        let marker = std::str::from_utf8(marker).map_err(|_| ())?;
+        let (key, chosen) = policy::split_fallback(marker);
         let bytes = hostcalls::get_property(vec!["xds", "upstream_host_metadata"])
             .ok()
             .flatten()
@@ -498,8 +555,14 @@ impl AttemptHttp {
                 key
             );
         }
-        call.map(|call| Some((Rc::clone(call), host.to_vec())))
-            .ok_or(())
+        call.map(|call| {
+            Some(Attempt {
+                call: Rc::clone(call),
+                host: host.to_vec(),
+                client_model,
+            })
+        })
+        .ok_or(())
     }
 }
 
@@ -507,25 +570,17 @@ impl Context for AttemptHttp {}
 
 impl HttpContext for AttemptHttp {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        let (call, host) = match self.attempt_call() {
+        let attempt = match self.attempt_call() {
             Ok(Some(attempt)) => attempt,
-            Ok(None) => {
-                // The first attempt: only the marker goes (the route is chosen already).
-                if let Err(status) = hostcalls::set_map_value_bytes(
-                    MapType::HttpRequestHeaders,
-                    FALLBACK_HEADER,
-                    None,
-                ) {
-                    debug!("llm-filter: cannot remove {FALLBACK_HEADER}: {status:?}");
-                }
-                return Action::Continue;
-            }
+            // The attempt goes where the downstream part rewrote it for (Envoy's route has
+            // dropped the marker).
+            Ok(None) => return Action::Continue,
             Err(()) => return Action::Continue,
         };
         match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
             Ok(headers) => {
                 let mut after = headers.clone();
-                rewrite_headers(&call, &mut after);
+                rewrite_headers(&attempt.call, &mut after);
                 after.retain(|(k, _)| k != FALLBACK_HEADER);
                 write_request_headers(self.context_id, &headers, &after);
             }
@@ -536,14 +591,14 @@ impl HttpContext for AttemptHttp {
         }
         debug!(
             "#{} llm-filter: attempt to provider {}",
-            self.context_id, call.provider
+            self.context_id, attempt.call.provider
         );
-        self.call = Some((call, host));
+        self.call = Some(attempt);
         Action::Continue
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some((call, _)) = &self.call else {
+        let Some(attempt) = &self.call else {
             return Action::Continue;
         };
         if !end_of_stream {
@@ -561,11 +616,11 @@ impl HttpContext for AttemptHttp {
         };
         // The body as the first provider got it, with the client's model back (the downstream
         // part stored it when it replaced it), then rewritten for this attempt's provider.
-        let restored = client_model_restored(&body);
+        let restored = client_model_restored(&body, attempt.client_model.as_deref());
         let body_now = restored.as_deref().unwrap_or(&body);
         // The downstream part has checked the body; a body that no longer parses goes as is.
         if let Ok(request) = ChatRequest::parse(body_now) {
-            let rewritten = request.rewrite(call, self.policy.request_stream_usage);
+            let rewritten = request.rewrite(&attempt.call, self.policy.request_stream_usage);
             if let Some(new_body) = rewritten.body.as_ref().or(restored.as_ref()) {
                 if let Err(status) =
                     hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body.len(), new_body)
@@ -581,7 +636,7 @@ impl HttpContext for AttemptHttp {
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
-        let Some((_, host)) = &self.call else {
+        let Some(Attempt { host, .. }) = &self.call else {
             return Action::Continue;
         };
         let attempt = hostcalls::get_property(vec!["upstream", "request_attempt_count"])
@@ -604,23 +659,20 @@ impl HttpContext for AttemptHttp {
     }
 }
 
-/// `body` with `model` set back to the client's (filter state `llm.client_model`), through the
-/// same pure rewrite as any provider call; `None` when the client's model was kept.
-fn client_model_restored(body: &[u8]) -> Option<Vec<u8>> {
-    let model = hostcalls::get_property(vec!["llm.client_model"]).ok()??;
-    let model = String::from_utf8(model).ok()?;
-    let restore = ProviderCall {
-        provider: String::new(),
-        rule: String::new(),
-        authority: String::new(),
-        path: String::new(),
-        model_json: Some(serde_json::Value::String(model).to_string()),
-        stream: None,
-        authorization: None,
-        model_mapping: Default::default(),
-        fallback: None,
+/// Filter state `llm.client_model` for a client that named no model (a model's JSON text
+/// always starts with a quote).
+const NO_CLIENT_MODEL: &[u8] = b"-";
+
+/// `body` with `model` as the client sent it (its JSON text, or `NO_CLIENT_MODEL`), stored by
+/// the downstream part when it replaced it: `carried` from `llm.fallback`, else filter state
+/// `llm.client_model`; `None` when the client's model was kept.
+fn client_model_restored(body: &[u8], carried: Option<&[u8]>) -> Option<Vec<u8>> {
+    let model = match carried {
+        Some(model) => model.to_vec(),
+        None => hostcalls::get_property(vec!["llm.client_model"]).ok()??,
     };
-    ChatRequest::parse(body).ok()?.rewrite(&restore, false).body
+    let model = (model != NO_CLIENT_MODEL).then_some(model);
+    ChatRequest::parse(body).ok()?.with_model(model.as_deref())
 }
 
 /// A request on its way to a provider, and what its answer has shown so far.
@@ -786,15 +838,16 @@ impl LlmHttp {
         let rewritten = request.rewrite(&call, self.policy.request_stream_usage);
         let new_body = rewritten.body.as_ref();
         if call.fallback.is_some() {
-            // A later attempt rewrites this body for its own provider: keep the client's model
-            // for it (its modelMapping, or no configured model, means the client's).
-            if let Some(model) = request
-                .model()
-                .filter(|m| Some(m) != rewritten.model.as_ref())
-            {
-                set_filter_state("llm.client_model", model.as_bytes());
+            // A later attempt rewrites this body for its own provider: keep what the client
+            // asked for (its modelMapping, or no configured model, means the client's model;
+            // no model at all stays none).
+            let client = (request.model() != rewritten.model)
+                .then(|| request.model_json().unwrap_or(NO_CLIENT_MODEL));
+            if held.is_some() {
+                mark_fallback(&call, client);
+            } else if let Some(client) = client {
+                set_filter_state("llm.client_model", client);
             }
-            set_filter_state("llm.attempts", call.provider.as_bytes());
         }
         if let Some(HeldHeaders { before, mut after }) = held {
             // The whole body is known: send its exact length, never a chunked framing.
@@ -908,6 +961,8 @@ impl HttpContext for LlmHttp {
                     return Action::Pause;
                 }
                 write_request_headers(self.context_id, &headers, &after);
+                // The first attempt may start before the body is read.
+                mark_fallback(&call, None);
                 self.state = State::Buffering(Pending::Routed { call, held: None });
                 Action::Continue
             }

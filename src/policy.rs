@@ -290,6 +290,23 @@ impl Policy {
             .map(|(_, call)| call)
     }
 
+    /// The call of attempt `n` (from 1) of a request marked `key` and first sent to `first`,
+    /// in the order Envoy tries them (see `attempt_order`).
+    pub fn attempt_at<'a>(
+        &'a self,
+        key: &[u8],
+        first: &'a Rc<ProviderCall>,
+        n: usize,
+    ) -> Option<&'a Rc<ProviderCall>> {
+        if n <= 1 {
+            return (n == 1).then_some(first);
+        }
+        let attempts = self.fallbacks.get(std::str::from_utf8(key).ok()?)?;
+        attempts.calls[attempts.backends..]
+            .get(n - 2)
+            .map(|(_, call)| call)
+    }
+
     /// The providers a request marked `key` and first sent to `first` may go to, in the order
     /// Envoy tries them: `first` (the chosen backend), then the rule's fallback providers.
     pub fn attempt_order<'a>(&'a self, key: &[u8], first: &'a ProviderCall) -> Vec<&'a str> {
@@ -1561,6 +1578,16 @@ spec:
         assert_eq!(second.fallback.as_deref(), Some("team/r/0 q.example"));
         assert_eq!(policy.attempt_order(key.as_bytes(), &call), vec!["p", "q"]);
         assert_eq!(policy.attempt_order(b"team/r/9", &call), vec!["p"]);
+        let first_rc = Rc::new(call.clone());
+        let at = |n| {
+            policy
+                .attempt_at(key.as_bytes(), &first_rc, n)
+                .map(|c| c.provider.as_str())
+        };
+        assert_eq!(
+            (at(0), at(1), at(2), at(3)),
+            (None, Some("p"), Some("q"), None)
+        );
         assert!(policy.attempt_call(b"team/r/1", b"q.example").is_none());
         assert!(policy
             .attempt_call(key.as_bytes(), b"other.example")

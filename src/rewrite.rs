@@ -141,6 +141,33 @@ impl<'a> ChatRequest<'a> {
         serde_json::from_slice(self.top.get("model")?).ok()
     }
 
+    /// The client's `model` as it is in the body (its JSON text, quotes and escapes included).
+    pub fn model_json(&self) -> Option<&'a [u8]> {
+        self.top.get("model")
+    }
+
+    /// The body with its `model` set to `model_json` (a JSON string's text), or without a
+    /// `model` for `None`; `None` when the body already is that. How a later fallback attempt
+    /// gets back the request the client sent before it is rewritten for its own provider.
+    pub fn with_model(&self, model_json: Option<&[u8]>) -> Option<Vec<u8>> {
+        let current = self.top.get_span("model");
+        match model_json {
+            Some(wanted) => {
+                let wanted = std::str::from_utf8(wanted).ok()?;
+                let mut edits = Vec::with_capacity(1);
+                plan(&mut edits, self.body, "model", current, wanted);
+                (!edits.is_empty()).then(|| apply(self.body, self.open, self.empty, &mut edits))
+            }
+            None => {
+                let (start, end) = self.top.member_span("model")?;
+                let mut out = Vec::with_capacity(self.body.len() - (end - start));
+                out.extend_from_slice(&self.body[..start]);
+                out.extend_from_slice(&self.body[end..]);
+                Some(out)
+            }
+        }
+    }
+
     /// The body for `call`: the upstream model is the `modelMapping` entry for the client's
     /// model if one applies, else the configured `model`, else the client's own.
     pub fn rewrite(&self, call: &ProviderCall, request_stream_usage: bool) -> Rewritten {
@@ -249,6 +276,8 @@ type Span = (usize, usize);
 struct TopLevel<'a> {
     body: &'a [u8],
     entries: Vec<(Cow<'a, [u8]>, Span)>,
+    /// Where each member begins (its key's opening quote), in the order of `entries`.
+    starts: Vec<usize>,
 }
 
 impl<'a> TopLevel<'a> {
@@ -258,12 +287,17 @@ impl<'a> TopLevel<'a> {
             .iter()
             .map(|m| (key_text(body, m), m.value))
             .collect();
+        let starts = object.members.iter().map(|m| m.key.0 - 1).collect();
         let mut keys: Vec<&[u8]> = entries.iter().map(|(k, _)| k.as_ref()).collect();
         keys.sort_unstable();
         if keys.windows(2).any(|w| w[0] == w[1]) {
             return Err(RequestError::DuplicateKey);
         }
-        Ok(TopLevel { body, entries })
+        Ok(TopLevel {
+            body,
+            entries,
+            starts,
+        })
     }
 
     fn get_span(&self, key: &str) -> Option<Span> {
@@ -271,6 +305,22 @@ impl<'a> TopLevel<'a> {
             .iter()
             .find(|(k, _)| k.as_ref() == key.as_bytes())
             .map(|(_, span)| *span)
+    }
+
+    /// The bytes to cut to remove `key`'s member with one of its commas, if it is there.
+    fn member_span(&self, key: &str) -> Option<Span> {
+        let i = self
+            .entries
+            .iter()
+            .position(|(k, _)| k.as_ref() == key.as_bytes())?;
+        let (_, (_, value_end)) = self.entries[i];
+        Some(match (self.starts.get(i + 1), i.checked_sub(1)) {
+            // Up to the next member: this member and the comma after it.
+            (Some(&next), _) => (self.starts[i], next),
+            // The last member: from the end of the one before, so its comma goes too.
+            (None, Some(before)) => (self.entries[before].1 .1, value_end),
+            (None, None) => (self.starts[i], value_end),
+        })
     }
 
     fn get(&self, key: &str) -> Option<&'a [u8]> {
@@ -320,6 +370,45 @@ mod tests {
 
     fn json(text: &str) -> serde_json::Value {
         serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn the_model_is_set_back_or_removed_and_the_rest_kept() {
+        let with = |body: &str, model: Option<&str>| {
+            let request = ChatRequest::parse(body.as_bytes()).unwrap();
+            request
+                .with_model(model.map(str::as_bytes))
+                .map(|out| String::from_utf8(out).unwrap())
+        };
+        let first = r#"{"model":"qwen-turbo", "messages":[],"n":1}"#;
+        assert_eq!(
+            with(first, Some(r#""gpt-4o""#)).as_deref(),
+            Some(r#"{"model":"gpt-4o", "messages":[],"n":1}"#)
+        );
+        assert_eq!(with(first, Some(r#""qwen-turbo""#)), None);
+        assert_eq!(
+            with(first, None).as_deref(),
+            Some(r#"{"messages":[],"n":1}"#)
+        );
+        let middle = r#"{ "messages" : [ ] , "model" : "m" , "n" : 1 }"#;
+        assert_eq!(
+            with(middle, None).as_deref(),
+            Some(r#"{ "messages" : [ ] , "n" : 1 }"#)
+        );
+        let last = r#"{"messages":[] ,"model":"m"}"#;
+        assert_eq!(with(last, None).as_deref(), Some(r#"{"messages":[]}"#));
+        let escaped_key = r#"{"messages":[],"mod\u0065l":"m"}"#;
+        assert_eq!(
+            with(escaped_key, None).as_deref(),
+            Some(r#"{"messages":[]}"#)
+        );
+        assert_eq!(with(r#"{"messages":[]}"#, None), None);
+        let inserted = with(r#"{"messages":[]}"#, Some(r#""x""#)).unwrap();
+        assert_eq!(json(&inserted), json(r#"{"model":"x","messages":[]}"#));
+        // What the client sent comes back as it was, escapes included.
+        let client = r#"{"model":"caf\u00e9","messages":[]}"#;
+        let request = ChatRequest::parse(client.as_bytes()).unwrap();
+        assert_eq!(request.model_json(), Some(&br#""caf\u00e9""#[..]));
     }
 
     #[test]

@@ -166,10 +166,7 @@ async fn failures_fall_back_to_the_next_provider_rewritten_for_it() {
     let seen = mock.requests();
     assert_eq!(seen.len(), 1);
     assert_dashscope_attempt(&seen[0]);
-    assert_logged(
-        &envoy,
-        "provider=dashscope-qwen rule=ha attempts=dashscope-qwen ",
-    );
+    assert_logged(&envoy, "provider=dashscope-qwen rule=ha attempts=- ");
 
     // Every provider fails: the last provider's error, promptly, after one attempt each.
     mock.clear();
@@ -249,6 +246,68 @@ async fn a_refused_connection_falls_back() {
         &envoy,
         "provider=moonshot rule=ha attempts=dashscope-qwen,moonshot",
     );
+}
+
+#[tokio::test]
+async fn an_unreachable_last_provider_is_the_one_recorded() {
+    // The first provider answers 503, the last one refuses the connection: Envoy answers the
+    // client itself, and the log and metrics name the provider that failed last.
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    mock.set_behavior(Behavior {
+        fixed_for_sni: vec![fail(DASHSCOPE, 503, "dashscope is down")],
+        ..Behavior::default()
+    });
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let yaml = render(&mock.addr().to_string(), &closed.to_string());
+    let envoy = Envoy::start(&yaml, "fallback-last-refused");
+    let resp = support::client::send(envoy.addr, &Req::chat("test.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert_dashscope_attempt(&seen[0]);
+    assert_logged(
+        &envoy,
+        "provider=moonshot rule=ha attempts=dashscope-qwen,moonshot",
+    );
+}
+
+#[tokio::test]
+async fn a_client_without_a_model_sends_none_to_a_provider_without_one() {
+    // The first provider sets its model; the next configures none, so it gets what the client
+    // sent: no model at all (not the first provider's).
+    let manifests = MANIFESTS.replace(
+        "      openAIConfig:\n        model: moonshot-v1-8k\n        apiKey: sk-fallback-moonshot\n        modelMapping: {gpt-4o: moonshot-v1-32k}\n",
+        "      openAIConfig: {apiKey: sk-fallback-moonshot}\n",
+    );
+    assert_ne!(manifests, MANIFESTS);
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    mock.set_behavior(Behavior {
+        fixed_for_sni: vec![fail(DASHSCOPE, 503, "dashscope is down")],
+        ..Behavior::default()
+    });
+    let at: std::net::SocketAddr = mock.addr();
+    let yaml = render_envoy(
+        "fallback-no-model",
+        &manifests,
+        &[(DASHSCOPE, at), (MOONSHOT, at)],
+    );
+    let envoy = Envoy::start(&yaml, "fallback-no-model");
+    let body = r#"{"messages": [{"role": "user", "content": "Hi"}], "n": 1}"#;
+    let resp = support::client::send(envoy.addr, &Req::chat("test.com", body)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_eq!(seen[0].model().as_deref(), Some("qwen-turbo"));
+    let json = seen[1].json().unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "n": 1}),
+        "the second attempt's body"
+    );
+    assert_bearer(&seen[1], KEY_B);
 }
 
 /// The access log records which providers were tried and which answered.
