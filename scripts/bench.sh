@@ -31,9 +31,10 @@
 # chat cases through an LLMRoute rule that matches the body's model (routing at body time),
 # BENCH_HOLD_HEADERS=0 lets the headers go at once (the Istio WasmPlugin way), BENCH_APM=1
 # puts Envoy's AI Protocol Manager (which buffers the whole body first) before the filter,
-# BENCH_FALLBACK=1 sends the chat cases through an LLMRoute rule with a fallback provider (an
-# aggregate cluster, a retry policy and the filter's upstream part on every request; no
-# provider fails).
+# BENCH_ROUTED=1 sends the chat cases through an LLMRoute rule with one backend (the client
+# calls the route's host, the filter picks the rule and rewrites for its provider),
+# BENCH_FALLBACK=1 through the same rule with a fallback provider (an aggregate cluster, a retry
+# policy and the filter's upstream part on every request; no provider fails): compare the two.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -175,9 +176,10 @@ sed 's/"gpt-4o-mini"/"bench-stream"/' "$RUN/body-stream.json" >"$RUN/body-stream
 # BENCH_MODEL_ROUTED=1 the chat host is an LLMRoute whose rule matches the body's model.
 CHAT_PROVIDER_HOST=$LLM_HOST
 [ "${BENCH_MODEL_ROUTED:-0}" = 1 ] && CHAT_PROVIDER_HOST=chat.provider.bench.local
-[ "${BENCH_FALLBACK:-0}" = 1 ] && CHAT_PROVIDER_HOST=chat.provider.bench.local
-[ "${BENCH_FALLBACK:-0}" = 1 ] && [ "${BENCH_MODEL_ROUTED:-0}" = 1 ] &&
-    die "BENCH_FALLBACK=1 and BENCH_MODEL_ROUTED=1 measure different routes: set one"
+[ "${BENCH_FALLBACK:-0}" = 1 ] && BENCH_ROUTED=1
+[ "${BENCH_ROUTED:-0}" = 1 ] && CHAT_PROVIDER_HOST=chat.provider.bench.local
+[ "${BENCH_ROUTED:-0}" = 1 ] && [ "${BENCH_MODEL_ROUTED:-0}" = 1 ] &&
+    die "BENCH_ROUTED/BENCH_FALLBACK and BENCH_MODEL_ROUTED measure different routes: set one"
 FALLBACK_HOST=fallback.provider.bench.local
 cat >"$RUN/manifests.yaml" <<EOF
 apiVersion: istio.alibabacloud.com/v1beta1
@@ -231,7 +233,8 @@ spec:
     backendRefs: [{providerHost: $CHAT_PROVIDER_HOST}]
 EOF
 fi
-if [ "${BENCH_FALLBACK:-0}" = 1 ]; then
+if [ "${BENCH_ROUTED:-0}" = 1 ]; then
+    # The fallback provider is configured either way, so both variants hold the same providers.
     cat >>"$RUN/manifests.yaml" <<EOF
 ---
 apiVersion: istio.alibabacloud.com/v1beta1
@@ -254,8 +257,9 @@ spec:
   rules:
   - name: ha
     backendRefs: [{providerHost: $CHAT_PROVIDER_HOST}]
-    fallback: { providers: [$FALLBACK_HOST] }
 EOF
+    [ "${BENCH_FALLBACK:-0}" = 1 ] &&
+        echo "    fallback: { providers: [$FALLBACK_HOST] }" >>"$RUN/manifests.yaml"
 fi
 if [ "${BENCH_HOLD_HEADERS:-1}" = 1 ]; then
     printf -- '---\nsettings: { forwardAfterBody: true }\n' >>"$RUN/manifests.yaml"
@@ -294,6 +298,7 @@ EOF
     if [ "$with_filter" = 1 ] && [ "${BENCH_FALLBACK:-0}" = 1 ]; then
         cat <<EOF
               - match: { prefix: /, headers: [{ name: x-llm-fallback, string_match: { exact: default/bench-fallback/0 } }] }
+                request_headers_to_remove: [x-llm-fallback]
                 route:
                   cluster: fallback
                   timeout: 300s
@@ -311,6 +316,7 @@ EOF
                     - name: envoy.retry_host_predicates.previous_hosts
                       typed_config: { '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate }
                     host_selection_retry_max_attempts: 5
+                    retry_back_off: { base_interval: 0.01s, max_interval: 0.05s }
 EOF
     fi
     cat <<EOF
@@ -744,7 +750,7 @@ meta = {
     "envoy": "$ENVOY_VERSION_STRING", "rounds": $ROUNDS, "duration_s": $DURATION,
     "streaming_runs": $TTFE_RUNS, "memory_requests": $MEM_REQUESTS, "cores": "$CORES_NOTE",
     "upstream": "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (echo module for the stream), plain HTTP",
-    "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "model_routed": ${BENCH_MODEL_ROUTED:-0}, "apm": ${BENCH_APM:-0}, "fallback": ${BENCH_FALLBACK:-0}, "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
+    "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "model_routed": ${BENCH_MODEL_ROUTED:-0}, "apm": ${BENCH_APM:-0}, "routed": ${BENCH_ROUTED:-0}, "fallback": ${BENCH_FALLBACK:-0}, "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
     "litellm": "$LITELLM_VERSION", "litellm_note": "$LITELLM_NOTE",
 }
 med = statistics.median
