@@ -358,7 +358,8 @@ fn fallback_parts(config: &FilterConfig) -> Result<Option<FallbackParts>, String
         .collect();
     let mut plans = envoy::plan_fallbacks(config, &providers)?;
     let to_json = |v: serde_yaml::Value| {
-        serde_json::to_value(v).map_err(|e| format!("render istio: cannot convert a cluster: {e}"))
+        serde_json::to_value(v)
+            .map_err(|e| format!("render istio: cannot convert an Envoy resource to JSON: {e}"))
     };
     let buffer_limit = envoy::buffer_limit(&config.settings);
     let options = EnvoyOptions::default();
