@@ -1,7 +1,8 @@
 //! `llm-filter render istio` and `llm-filter crds`, checked structurally: the seeds' manifests,
 //! verbatim, become the Istio resources the README describes, and the CRD schemas accept the
 //! seeds and refuse what the filter refuses (and accept nothing the filter refuses, beyond the
-//! cross-resource checks a schema cannot make).
+//! cross-resource checks a schema cannot make). The EnvoyFilters it writes (model routing,
+//! fallback) are checked against Istio's own EnvoyFilter schema.
 #![cfg(not(target_arch = "wasm32"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -244,6 +245,142 @@ fn render_istio_is_deterministic_and_keys_come_from_the_environment() {
         stderr.contains("environment variable \"dashscope API_KEY\" is not set"),
         "{stderr}"
     );
+}
+
+// ---- EnvoyFilters against Istio's own schema ------------------------------------------------
+
+/// Fallback (two providers, a rule with fallback bound to a gateway and the mesh) and model
+/// routing: the two reasons `render istio` writes EnvoyFilters.
+const ENVOY_FILTER_MANIFESTS: &str = "\
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: dashscope-qwen}
+spec:
+  host: dashscope.aliyuncs.com
+  path: /compatible-mode/v1/chat/completions
+  configs: {defaultConfig: {openAIConfig: {model: qwen-turbo, apiKey: sk-a}}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: moonshot}
+spec:
+  host: api.moonshot.cn
+  path: /v1/chat/completions
+  configs: {defaultConfig: {openAIConfig: {model: moonshot-v1-8k, apiKeyFromEnv: MOONSHOT_KEY}}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: ha}
+spec:
+  host: test.com
+  gateways: [istio-system/ingress-gw, mesh]
+  rules:
+  - matches: [{model: {prefix: moonshot-}}]
+    backendRefs: [{providerHost: api.moonshot.cn}]
+  - name: ha
+    backendRefs: [{providerHost: dashscope.aliyuncs.com, hostRewrite: qwen.internal}]
+    fallback: {providers: [api.moonshot.cn]}
+";
+
+/// `render istio` of manifests given as text.
+fn render_istio_text(label: &str, manifests: &str) -> Vec<Value> {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("istio-{label}-{}.yaml", std::process::id()));
+    std::fs::write(&path, manifests).unwrap();
+    let out = llm_filter(&["render", "istio", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    documents(&out)
+}
+
+/// Istio's EnvoyFilter `spec` schema (tests/data/istio-envoyfilter-crd.yaml), strict as for
+/// our CRDs: the API server validates `spec` with it (`apiVersion`, `kind` and `metadata` are
+/// the API server's own).
+fn envoy_filter_schema() -> jsonschema::Validator {
+    let crd = documents(&std::fs::read_to_string("tests/data/istio-envoyfilter-crd.yaml").unwrap());
+    assert_eq!(crd[0]["spec"]["names"]["kind"], "EnvoyFilter");
+    let version = &crd[0]["spec"]["versions"][0];
+    assert_eq!(version["name"], "v1alpha3");
+    let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    jsonschema::draft4::new(&strict(spec)).expect("EnvoyFilter schema")
+}
+
+#[test]
+fn rendered_envoy_filters_pass_istios_envoy_filter_schema() {
+    let schema = envoy_filter_schema();
+    let docs = render_istio_text("envoy-filters", ENVOY_FILTER_MANIFESTS);
+    let filters = of_kind(&docs, "EnvoyFilter");
+    let names: Vec<String> = filters
+        .iter()
+        .map(|f| {
+            format!(
+                "{}/{}",
+                f["metadata"]["namespace"].as_str().unwrap(),
+                f["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "default/llm-filter",
+            "default/llm-filter-fallback",
+            "istio-system/llm-filter-ingressgateway",
+            "istio-system/llm-filter-ingressgateway-fallback",
+        ]
+    );
+    for filter in &filters {
+        assert_eq!(filter["apiVersion"], "networking.istio.io/v1alpha3");
+        let errors: Vec<String> = schema
+            .iter_errors(&filter["spec"])
+            .map(|e| format!("{}: {e}", e.instance_path()))
+            .collect();
+        assert_eq!(
+            errors,
+            Vec::<String>::new(),
+            "{}",
+            filter["metadata"]["name"]
+        );
+    }
+    // The check bites: what Istio would refuse, the schema refuses.
+    let fallback = filters[1];
+    assert_eq!(
+        fallback["spec"]["configPatches"][3]["applyTo"],
+        "HTTP_ROUTE"
+    );
+    for (what, pointer, value) in [
+        (
+            "unknown applyTo",
+            "/spec/configPatches/0/applyTo",
+            json!("ROUTE"),
+        ),
+        (
+            "unknown operation",
+            "/spec/configPatches/0/patch/operation",
+            json!("PREPEND"),
+        ),
+        (
+            "unknown context",
+            "/spec/configPatches/0/match/context",
+            json!("SIDECAR"),
+        ),
+        (
+            "unknown virtual host field",
+            "/spec/configPatches/3/match/routeConfiguration/vhost/host",
+            json!("x"),
+        ),
+        (
+            "port as a string",
+            "/spec/configPatches/3/match/routeConfiguration/portNumber",
+            json!("80"),
+        ),
+    ] {
+        let mut broken = fallback.clone();
+        edit(&mut broken, pointer, Some(value));
+        assert!(
+            schema.iter_errors(&broken["spec"]).next().is_some(),
+            "the schema accepts: {what}"
+        );
+    }
 }
 
 // ---- CRDs ----------------------------------------------------------------------------------
@@ -616,6 +753,12 @@ fn every_manifest_the_schemas_accept_the_filter_accepts() {
             0,
             "/metadata/labels",
             Some(json!({"a": "b"})),
+        ),
+        case(
+            "fallback",
+            1,
+            "/spec/rules/1/fallback",
+            Some(json!({"providers": ["api.moonshot.cn"], "on": ["5xx", 429]})),
         ),
     ];
     for case in &valid {

@@ -165,21 +165,21 @@ pub fn render(
 
 /// What the bootstrap needs to know about one provider.
 #[derive(Debug)]
-struct ProviderPlan {
+pub(crate) struct ProviderPlan {
     /// `LLMProvider ns/name`.
-    resource: String,
+    pub(crate) resource: String,
     /// Cluster and virtual host name: `metadata.name`, or `name.namespace` when two providers
     /// in different namespaces share a name.
-    name: String,
+    pub(crate) name: String,
     /// The provider host, normalized as the filter does (lower case, no trailing dot).
-    host: String,
+    pub(crate) host: String,
     /// Every name the filter may set `:authority` to for this provider: its host, then each
     /// distinct `hostRewrite` that targets it.
-    authorities: Vec<String>,
+    pub(crate) authorities: Vec<String>,
     /// `--endpoint`: where to connect instead of `host:443`.
-    endpoint: Option<SocketAddr>,
+    pub(crate) endpoint: Option<SocketAddr>,
     /// `apiKeyFile`: injected by Envoy's `credential_injector` on this provider's cluster.
-    key_file: Option<String>,
+    pub(crate) key_file: Option<String>,
 }
 
 impl ProviderPlan {
@@ -273,21 +273,21 @@ fn plan_providers(
 /// clusters in the order Envoy tries them, and the route that sends the rule's marked requests
 /// there with a retry policy that moves one provider on per failure.
 #[derive(Debug)]
-struct FallbackPlan {
+pub(crate) struct FallbackPlan {
     /// The aggregate cluster's name.
-    name: String,
+    pub(crate) name: String,
     /// `x-llm-fallback` of the rule's requests (`llm_filter::config::fallback_key`).
-    key: String,
+    pub(crate) key: String,
     /// The first provider's cluster (its virtual host gets the route).
-    first: String,
+    pub(crate) first: String,
     /// The sub-clusters: `first`, then the fallback providers' clusters, in order.
-    clusters: Vec<String>,
-    triggers: Vec<FallbackOn>,
+    pub(crate) clusters: Vec<String>,
+    pub(crate) triggers: Vec<FallbackOn>,
 }
 
 /// Every (rule with fallback, backendRef) pair. Providers whose key is an `apiKeyFile` cannot
 /// take part: Envoy's credential injector runs per cluster, not per attempt.
-fn plan_fallbacks(
+pub(crate) fn plan_fallbacks(
     config: &FilterConfig,
     providers: &[ProviderPlan],
 ) -> Result<Vec<FallbackPlan>, String> {
@@ -429,7 +429,7 @@ fn embedded_configuration(config: &FilterConfig) -> Result<String, String> {
 
 /// The listener's and clusters' buffer limit: 16 MiB, or twice the filter's body limit when
 /// that is larger (Envoy's field is 32-bit).
-fn buffer_limit(settings: &Settings) -> u64 {
+pub(crate) fn buffer_limit(settings: &Settings) -> u64 {
     settings
         .max_request_body_bytes
         .saturating_mul(2)
@@ -591,7 +591,7 @@ fn wasm_filter(wasm: &str, configuration: &str, env_keys: &[String]) -> Value {
 
 /// The filter's upstream part: the same module and configuration in the same VM, under the
 /// root id that makes it rewrite each fallback attempt.
-fn wasm_upstream_filter(wasm: &str, configuration: &str, env_keys: &[String]) -> Value {
+pub(crate) fn wasm_upstream_filter(wasm: &str, configuration: &str, env_keys: &[String]) -> Value {
     let mut filter = wasm_filter(wasm, configuration, env_keys);
     if let Some(config) = filter
         .get_mut("typed_config")
@@ -726,7 +726,7 @@ fn retry_on(triggers: &[FallbackOn]) -> (String, Vec<u64>) {
 
 /// The route of one fallback: the marked requests go to the aggregate cluster; each failure
 /// moves on to the next priority (the next provider), never back to one already tried.
-fn fallback_route(f: &FallbackPlan) -> Value {
+pub(crate) fn fallback_route(f: &FallbackPlan) -> Value {
     let (on, codes) = retry_on(&f.triggers);
     let tries = f.clusters.len().saturating_sub(1) as u64;
     let mut policy = Mapping::new();
@@ -807,7 +807,11 @@ fn fallback_route(f: &FallbackPlan) -> Value {
 
 /// The aggregate cluster of one fallback: its sub-clusters' priorities in order, and the
 /// filter's upstream part, which rewrites every attempt for the provider it goes to.
-fn aggregate_cluster(f: &FallbackPlan, upstream_filter: &Value, buffer_limit: u64) -> Value {
+pub(crate) fn aggregate_cluster(
+    f: &FallbackPlan,
+    upstream_filter: &Value,
+    buffer_limit: u64,
+) -> Value {
     map([
         ("name", f.name.as_str().into()),
         ("connect_timeout", CONNECT_TIMEOUT.into()),
@@ -892,7 +896,7 @@ fn default_catch_all() -> Value {
 /// provider host even when `--endpoint` connects elsewhere.
 /// `tagged`: the provider takes part in a fallback, so its endpoint carries
 /// `filter_metadata.llm.provider` (the filter's upstream part tells attempts apart by it).
-fn provider_cluster(
+pub(crate) fn provider_cluster(
     p: &ProviderPlan,
     options: &EnvoyOptions,
     buffer_limit: u64,

@@ -9,6 +9,12 @@
 //!   originates TLS on that port (`SIMPLE`, SNI = provider host).
 //! - Per LLMRoute bound to gateways a `VirtualService` that accepts the route host on those
 //!   gateways and sends each rewritten `:authority` to its provider.
+//! - When a rule matches on the model or has `fallback`, an `EnvoyFilter` per selection instead
+//!   of the `WasmPlugin` (the module mounted into the proxy; see [`filter_envoy_filter`]), and
+//!   with `fallback` a second one that adds what Envoy needs to retry on the next provider: our
+//!   own provider clusters, the aggregate clusters with the filter's upstream part, and the
+//!   header-matched retry route in each first provider's virtual host (see
+//!   [`fallback_envoy_filter`]). Those pieces come from the same builders as `render envoy`'s.
 //!
 //! Every document comes out with sorted keys and in a fixed order, so the same manifests give
 //! the same bytes.
@@ -18,7 +24,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use llm_filter::config::{FilterConfig, RouteManifest};
 use serde_json::{json, Value};
 
-use crate::args::IstioOptions;
+use crate::args::{EnvoyOptions, IstioOptions};
+use crate::envoy::{self, ProviderPlan};
 
 /// `pluginName` (Envoy's `root_id`) of every rendered WasmPlugin.
 pub const PLUGIN_NAME: &str = "llm-filter";
@@ -52,19 +59,6 @@ pub fn render(config: &FilterConfig, options: &IstioOptions) -> Result<String, S
              key in a Kubernetes Secret",
             provider.resource_name()
         ));
-    }
-    // Fallback needs the filter's upstream part on an aggregate cluster per rule, which a
-    // WasmPlugin cannot place: refuse loudly rather than ship a route that silently never
-    // falls back (see the README's "Not done yet").
-    for route in &config.routes {
-        if let Some(r) = route.spec.rules.iter().position(|r| r.fallback.is_some()) {
-            return Err(format!(
-                "{}: rules[{r}].fallback: only `render envoy` supports it so far (an aggregate \
-                 cluster and the filter's upstream part per rule); `render istio` does not \
-                 emit the EnvoyFilters it needs yet",
-                route.resource_name()
-            ));
-        }
     }
     let mut documents = wasm_plugins(config, options)?;
     documents.extend(provider_resources(config));
@@ -202,29 +196,60 @@ fn routes_by_model(config: &FilterConfig) -> bool {
     })
 }
 
-/// Routing on the model needs the wasm filter's `allow_on_headers_stop_iteration`, which a
-/// WasmPlugin cannot set: the filter goes in through an EnvoyFilter instead (before the router,
-/// so after Istio's authentication and authorization filters), with the module mounted into
-/// the proxy at `MOUNTED_WASM` and `settings.forwardAfterBody` on.
-fn model_routing_envoy_filter(
+/// Whether some LLMRoute rule has `fallback`.
+fn has_fallback(config: &FilterConfig) -> bool {
+    config
+        .routes
+        .iter()
+        .any(|route| route.spec.rules.iter().any(|rule| rule.fallback.is_some()))
+}
+
+/// The configuration string of the EnvoyFilter form, for the filter and its upstream part
+/// alike: the JSON form with `settings.forwardAfterBody` on (the filter holds the headers).
+fn envoy_filter_configuration(config: &FilterConfig) -> String {
+    let mut embedded = config.clone();
+    embedded.settings.forward_after_body = true;
+    embedded.to_bundle_json().to_string()
+}
+
+/// The filter through an EnvoyFilter instead of a WasmPlugin (before the router, so after
+/// Istio's authentication and authorization filters), with the module mounted into the proxy at
+/// `MOUNTED_WASM`, `allow_on_headers_stop_iteration` and `settings.forwardAfterBody` on. Two
+/// reasons lead here: routing on the model needs the flag, which a WasmPlugin cannot set; and
+/// fallback needs the module as a file anyway, for the upstream part on the aggregate clusters
+/// (`fallback_filter`: the name of the EnvoyFilter that adds them), which a WasmPlugin cannot
+/// place, so the downstream part comes from the same file, in the same VM.
+fn filter_envoy_filter(
     config: &FilterConfig,
     name: &str,
     selection: &Selection,
     mut comments: Vec<String>,
+    fallback_filter: Option<&str>,
 ) -> Document {
     comments.retain(|c| !c.starts_with("The filter, with the whole configuration"));
-    comments.insert(
-        0,
-        format!(
+    let mut reasons = Vec::new();
+    if routes_by_model(config) {
+        reasons.push(format!(
             "An LLMRoute matches on the request's model, which needs the body before routing: \
              a WasmPlugin cannot let the filter hold the headers, so the filter is inserted by \
              this EnvoyFilter (allow_on_headers_stop_iteration, settings.forwardAfterBody). \
              Mount the module at {MOUNTED_WASM} in the istio-proxy container (see the README)."
-        ),
-    );
-    let mut embedded = config.clone();
-    embedded.settings.forward_after_body = true;
-    let configuration = embedded.to_bundle_json().to_string();
+        ));
+    }
+    if let Some(fallback_filter) = fallback_filter {
+        reasons.push(format!(
+            "An LLMRoute rule has fallback: the filter's upstream part runs on the aggregate \
+             clusters that EnvoyFilter {fallback_filter} adds, loaded from the module file, which \
+             a WasmPlugin cannot provide; so the filter itself comes from the same file through \
+             this EnvoyFilter rather than a WasmPlugin (allow_on_headers_stop_iteration, \
+             settings.forwardAfterBody). Mount the module at {MOUNTED_WASM} in the istio-proxy \
+             container (see the README)."
+        ));
+    }
+    for (i, reason) in reasons.into_iter().enumerate() {
+        comments.insert(i, reason);
+    }
+    let configuration = envoy_filter_configuration(config);
     let mut vm_config = json!({
         "vm_id": PLUGIN_NAME,
         "runtime": "envoy.wasm.runtime.v8",
@@ -267,6 +292,215 @@ fn model_routing_envoy_filter(
             })
         })
         .collect();
+    let mut spec = json!({ "configPatches": patches });
+    if !selection.labels.is_empty() {
+        spec["workloadSelector"] = json!({ "labels": selection.labels });
+    }
+    Document {
+        comments,
+        resource: json!({
+            "apiVersion": "networking.istio.io/v1alpha3",
+            "kind": "EnvoyFilter",
+            "metadata": {
+                "name": name,
+                "namespace": selection.namespace,
+                "labels": {"app.kubernetes.io/managed-by": "llm-filter"},
+            },
+            "spec": spec,
+        }),
+    }
+}
+
+/// Name of our own cluster for a provider in a fallback (not Istio's `outbound|80||<host>`).
+fn fallback_provider_cluster(host: &str) -> String {
+    format!("llm-provider|{host}")
+}
+
+/// What a proxy needs for the fallbacks, the same for every selection: built once by the
+/// `render envoy` builders (`crate::envoy`), then placed by [`fallback_envoy_filter`].
+struct FallbackParts {
+    /// Per provider in some fallback, in the manifests' order: its cluster, TLS to its host on
+    /// port 443, the endpoint tagged `filter_metadata.llm.provider`.
+    provider_clusters: Vec<Value>,
+    /// Per (rule with fallback, backendRef): the aggregate cluster with the upstream part.
+    aggregates: Vec<Value>,
+    /// Per (rule with fallback, backendRef): the `:authority` the filter sends to that
+    /// backend (its virtual host is `<authority>:80`) and the header-matched retry route.
+    routes: Vec<(String, Value)>,
+    /// One line per fallback, for the comment.
+    summary: Vec<String>,
+}
+
+/// `None` when no rule has `fallback`.
+fn fallback_parts(config: &FilterConfig) -> Result<Option<FallbackParts>, String> {
+    if !has_fallback(config) {
+        return Ok(None);
+    }
+    // Istio's `outbound|80||<host>` clusters cannot be the aggregate's sub-clusters: an
+    // EnvoyFilter cannot tag one endpoint of a cluster Istio generates, and the upstream part
+    // needs that tag to know each attempt's provider. So each provider gets a cluster of ours,
+    // built as `render envoy` builds it without `--endpoint`/`--ca`: DNS name, port 443, the
+    // system CA bundle. (`apiKeyFile` was refused before: key_file stays None.)
+    let providers: Vec<ProviderPlan> = config
+        .providers
+        .iter()
+        .map(|p| {
+            let host = normalize_host(&p.spec.host);
+            ProviderPlan {
+                resource: p.resource_name(),
+                name: fallback_provider_cluster(&host),
+                authorities: vec![host.clone()],
+                endpoint: None,
+                key_file: None,
+                host,
+            }
+        })
+        .collect();
+    let mut plans = envoy::plan_fallbacks(config, &providers)?;
+    let to_json = |v: serde_yaml::Value| {
+        serde_json::to_value(v)
+            .map_err(|e| format!("render istio: cannot convert an Envoy resource to JSON: {e}"))
+    };
+    let buffer_limit = envoy::buffer_limit(&config.settings);
+    let options = EnvoyOptions::default();
+    let mut provider_clusters = Vec::new();
+    for p in &providers {
+        if plans.iter().any(|f| f.clusters.contains(&p.name)) {
+            provider_clusters.push(to_json(envoy::provider_cluster(
+                p,
+                &options,
+                buffer_limit,
+                true,
+            ))?);
+        }
+    }
+    let host_of = |cluster: &str| {
+        providers
+            .iter()
+            .find(|p| p.name == cluster)
+            .map(|p| p.host.clone())
+            .unwrap_or_default()
+    };
+    let upstream_filter = envoy::wasm_upstream_filter(
+        MOUNTED_WASM,
+        &envoy_filter_configuration(config),
+        &config.api_key_env_names(),
+    );
+    let mut parts = FallbackParts {
+        provider_clusters,
+        aggregates: Vec::new(),
+        routes: Vec::new(),
+        summary: Vec::new(),
+    };
+    for plan in &mut plans {
+        let first = host_of(&plan.first);
+        plan.name = format!("llm-fallback|{}|{first}", plan.key.replace('/', "."));
+        let authority = first_authority(config, &plan.key, &first);
+        parts.aggregates.push(to_json(envoy::aggregate_cluster(
+            plan,
+            &upstream_filter,
+            buffer_limit,
+        ))?);
+        parts
+            .routes
+            .push((authority.clone(), to_json(envoy::fallback_route(plan))?));
+        let tried: Vec<String> = plan.clusters.iter().map(|c| host_of(c)).collect();
+        parts.summary.push(format!(
+            "{}: at {authority}:{PROVIDER_PORT}, cluster {} tries {}.",
+            plan.key,
+            plan.name,
+            tried.join(", then ")
+        ));
+    }
+    Ok(Some(parts))
+}
+
+/// The `:authority` the filter sends to provider `first` for the rule whose fallback key is
+/// `key`: that backendRef's `hostRewrite`, else the provider host.
+fn first_authority(config: &FilterConfig, key: &str, first: &str) -> String {
+    for route in &config.routes {
+        for (r, rule) in route.spec.rules.iter().enumerate() {
+            if llm_filter::config::fallback_key(route.metadata.namespace(), &route.metadata.name, r)
+                != key
+            {
+                continue;
+            }
+            if let Some(backend) = rule
+                .backend_refs
+                .iter()
+                .find(|b| normalize_host(&b.provider_host) == first)
+            {
+                return backend
+                    .host_rewrite
+                    .as_deref()
+                    .map(normalize_host)
+                    .unwrap_or_else(|| first.to_string());
+            }
+        }
+    }
+    first.to_string()
+}
+
+/// The EnvoyFilter that makes fallback work on the proxies of `selection` (sidecars' outbound
+/// traffic and gateways): CLUSTER ADD of the provider and aggregate clusters, and HTTP_ROUTE
+/// INSERT_FIRST of each retry route into the virtual host Istio names `<authority>:80` (a
+/// sidecar's route configuration `80`, from the provider's ServiceEntry or the route's
+/// VirtualService; a gateway's server on port 80, from the route's VirtualService).
+fn fallback_envoy_filter(
+    parts: &FallbackParts,
+    name: &str,
+    filter_name: &str,
+    selection: &Selection,
+) -> Document {
+    let mut patches = Vec::new();
+    for context in ["SIDECAR_OUTBOUND", "GATEWAY"] {
+        for cluster in parts.provider_clusters.iter().chain(&parts.aggregates) {
+            patches.push(json!({
+                "applyTo": "CLUSTER",
+                "match": {"context": context},
+                "patch": {"operation": "ADD", "value": cluster},
+            }));
+        }
+        for (authority, route) in &parts.routes {
+            let vhost = json!({ "name": format!("{authority}:{PROVIDER_PORT}") });
+            // A sidecar names its route configuration by port; a gateway's carries the
+            // server's port in the virtual host name already.
+            let route_configuration = if context == "GATEWAY" {
+                json!({ "vhost": vhost })
+            } else {
+                json!({ "portNumber": PROVIDER_PORT, "vhost": vhost })
+            };
+            patches.push(json!({
+                "applyTo": "HTTP_ROUTE",
+                "match": {"context": context, "routeConfiguration": route_configuration},
+                "patch": {"operation": "INSERT_FIRST", "value": route},
+            }));
+        }
+    }
+    let mut comments = vec![
+        format!(
+            "Fallback: when a rule's provider fails, Envoy retries on the rule's next provider \
+             through an aggregate cluster, and the filter's upstream part (root id \
+             llm-filter-upstream, the module at {MOUNTED_WASM}, the configuration of \
+             EnvoyFilter {filter_name}) rewrites each attempt for its provider."
+        ),
+        format!(
+            "CLUSTER ADD: per provider in a fallback, cluster llm-provider|<host> to <host> port \
+             {PROVIDER_TLS_PORT} with TLS (SNI and certificate name <host>, the proxy's OS CA \
+             bundle), its endpoint tagged filter_metadata.llm.provider, by which the upstream \
+             part knows an attempt's provider (Istio's own outbound|{PROVIDER_PORT}||<host> \
+             cluster cannot carry that tag); per rule and first provider, an aggregate cluster \
+             llm-fallback|<namespace>.<route>.<rule>|<host> of those clusters in the order tried."
+        ),
+        format!(
+            "HTTP_ROUTE INSERT_FIRST: in virtual host <authority>:{PROVIDER_PORT} (sidecars: \
+             route configuration {PROVIDER_PORT}; gateways: a Gateway server on port \
+             {PROVIDER_PORT}, change the name for another port), requests the filter marked with \
+             x-llm-fallback go to the aggregate cluster with a retry policy that moves one \
+             provider on per failure."
+        ),
+    ];
+    comments.extend(parts.summary.iter().cloned());
     let mut spec = json!({ "configPatches": patches });
     if !selection.labels.is_empty() {
         spec["workloadSelector"] = json!({ "labels": selection.labels });
@@ -341,6 +575,7 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
     }
 
     let plugin_config = config.to_bundle_json();
+    let fallback = fallback_parts(config)?;
     let mut used_names: BTreeSet<(String, String)> = BTreeSet::new();
     let mut documents = Vec::with_capacity(selections.len());
     for (selection, reasons) in &selections {
@@ -405,9 +640,30 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
              out unrewritten."
                 .to_string(),
         );
+        if let Some(fallback) = &fallback {
+            let fallback_name = unique_name(
+                &dns_label(&format!("{name}-fallback")),
+                &selection.namespace,
+                &mut used_names,
+            );
+            documents.push(filter_envoy_filter(
+                config,
+                &name,
+                selection,
+                comments,
+                Some(&fallback_name),
+            ));
+            documents.push(fallback_envoy_filter(
+                fallback,
+                &fallback_name,
+                &name,
+                selection,
+            ));
+            continue;
+        }
         if routes_by_model(config) {
-            documents.push(model_routing_envoy_filter(
-                config, &name, selection, comments,
+            documents.push(filter_envoy_filter(
+                config, &name, selection, comments, None,
             ));
             continue;
         }
@@ -1013,19 +1269,325 @@ spec:
         assert!(policy.forward_after_body);
     }
 
-    #[test]
-    fn fallback_is_refused_naming_the_rule() {
-        let text = provider("a", "default", "a.example", "")
+    /// Providers a and b, and LLMRoute `default/ha` whose rule 0 tries `a` (through
+    /// `REWRITE`, if not empty), then b.
+    fn fallback_manifests(selector: &str, rewrite: &str) -> String {
+        let rewrite = if rewrite.is_empty() {
+            String::new()
+        } else {
+            format!(", hostRewrite: {rewrite}")
+        };
+        provider("a", "default", "a.example", selector)
             + "---\n"
-            + &provider("b", "default", "b.example", "")
-            + "---\napiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\nmetadata: {name: ha}\n\
-               spec:\n  host: a.example\n  rules:\n  - backendRefs: [{providerHost: a.example}]\n\
-               \x20   fallback: {providers: [b.example]}\n";
-        let error = render(&config(&text), &IstioOptions::default()).unwrap_err();
-        assert!(
-            error.contains("LLMRoute default/ha: rules[0].fallback: only `render envoy`"),
-            "{error}"
+            + &provider("b", "default", "b.example", selector)
+            + &format!(
+                "---\napiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\n\
+                 metadata: {{name: ha}}\nspec:\n  host: chat.example\n  rules:\n\
+                 \x20 - backendRefs: [{{providerHost: a.example{rewrite}}}]\n\
+                 \x20   fallback: {{providers: [b.example], on: [5xx]}}\n"
+            )
+    }
+
+    fn patches(filter: &serde_yaml::Value) -> Vec<&serde_yaml::Value> {
+        filter["spec"]["configPatches"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .collect()
+    }
+
+    /// The patch values of one kind (`applyTo`) for one context.
+    fn values<'a>(
+        filter: &'a serde_yaml::Value,
+        apply_to: &str,
+        context: &str,
+    ) -> Vec<&'a serde_yaml::Value> {
+        patches(filter)
+            .into_iter()
+            .filter(|p| p["applyTo"] == apply_to && p["match"]["context"] == context)
+            .map(|p| &p["patch"]["value"])
+            .collect()
+    }
+
+    #[test]
+    fn fallback_gets_the_filter_from_the_mounted_module_and_an_envoy_filter_of_clusters_and_routes()
+    {
+        let docs = documents(&fallback_manifests("app: x", ""));
+        assert!(of_kind(&docs, "WasmPlugin").is_empty());
+        let filters = of_kind(&docs, "EnvoyFilter");
+        let names: Vec<&str> = filters
+            .iter()
+            .map(|f| f["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["llm-filter-x", "llm-filter-x-fallback"]);
+        for filter in &filters {
+            assert_eq!(filter["metadata"]["namespace"], "default");
+            assert_eq!(filter["spec"]["workloadSelector"]["labels"]["app"], "x");
+        }
+
+        // The downstream part: the EnvoyFilter form, as for model routes.
+        let downstream = values(filters[0], "HTTP_FILTER", "SIDECAR_OUTBOUND")[0];
+        let config = &downstream["typed_config"]["config"];
+        assert_eq!(config["root_id"], PLUGIN_NAME);
+        assert_eq!(config["allow_on_headers_stop_iteration"], true);
+        assert_eq!(
+            config["vm_config"]["code"]["local"]["filename"],
+            MOUNTED_WASM
         );
+        let configuration = config["configuration"]["value"].as_str().unwrap();
+        assert!(
+            llm_filter::policy::Policy::from_text(configuration)
+                .unwrap()
+                .forward_after_body
+        );
+
+        // The fallback part: the same patches for sidecars and gateways, nothing else.
+        let fallback = filters[1];
+        let kinds: Vec<(&str, &str, &str)> = patches(fallback)
+            .iter()
+            .map(|p| {
+                (
+                    p["applyTo"].as_str().unwrap(),
+                    p["match"]["context"].as_str().unwrap(),
+                    p["patch"]["operation"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        let mut expected = Vec::new();
+        for context in ["SIDECAR_OUTBOUND", "GATEWAY"] {
+            expected.extend([
+                ("CLUSTER", context, "ADD"),
+                ("CLUSTER", context, "ADD"),
+                ("CLUSTER", context, "ADD"),
+                ("HTTP_ROUTE", context, "INSERT_FIRST"),
+            ]);
+        }
+        assert_eq!(kinds, expected);
+        assert_eq!(
+            values(fallback, "CLUSTER", "SIDECAR_OUTBOUND"),
+            values(fallback, "CLUSTER", "GATEWAY")
+        );
+        assert_eq!(
+            values(fallback, "HTTP_ROUTE", "SIDECAR_OUTBOUND"),
+            values(fallback, "HTTP_ROUTE", "GATEWAY")
+        );
+
+        let clusters = values(fallback, "CLUSTER", "SIDECAR_OUTBOUND");
+        // Our provider clusters: the provider's DNS name, port 443, TLS, the endpoint tagged.
+        for (cluster, host) in clusters[..2].iter().zip(["a.example", "b.example"]) {
+            assert_eq!(cluster["name"], format!("llm-provider|{host}").as_str());
+            assert_eq!(cluster["type"], "LOGICAL_DNS");
+            let lb = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0];
+            let address = &lb["endpoint"]["address"]["socket_address"];
+            assert_eq!(address["address"], host);
+            assert_eq!(address["port_value"], 443);
+            assert_eq!(lb["metadata"]["filter_metadata"]["llm"]["provider"], host);
+            let tls = &cluster["transport_socket"]["typed_config"];
+            assert_eq!(tls["sni"], host);
+            let validation = &tls["common_tls_context"]["validation_context"];
+            assert_eq!(
+                validation["trusted_ca"]["filename"],
+                "/etc/ssl/certs/ca-certificates.crt"
+            );
+            assert_eq!(
+                validation["match_typed_subject_alt_names"][0]["matcher"]["exact"],
+                host
+            );
+        }
+        // The aggregate: both providers in order, the upstream part on it.
+        let aggregate = clusters[2];
+        let aggregate_name = "llm-fallback|default.ha.0|a.example";
+        assert_eq!(aggregate["name"], aggregate_name);
+        assert_eq!(
+            aggregate["cluster_type"]["typed_config"]["clusters"],
+            serde_yaml::to_value(["llm-provider|a.example", "llm-provider|b.example"]).unwrap()
+        );
+        let upstream_filters = &aggregate["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"];
+        let upstream = &upstream_filters[0]["typed_config"]["config"];
+        assert_eq!(upstream["root_id"], "llm-filter-upstream");
+        assert_eq!(upstream["vm_config"], config["vm_config"]);
+        assert_eq!(upstream["configuration"]["value"], configuration);
+        assert_eq!(
+            upstream_filters[1]["name"],
+            "envoy.filters.http.upstream_codec"
+        );
+
+        // The retry route, first in the first provider's virtual host.
+        let route_patches: Vec<&serde_yaml::Value> = patches(fallback)
+            .into_iter()
+            .filter(|p| p["applyTo"] == "HTTP_ROUTE")
+            .collect();
+        let sidecar = &route_patches[0]["match"]["routeConfiguration"];
+        assert_eq!(sidecar["portNumber"], 80);
+        assert_eq!(sidecar["vhost"]["name"], "a.example:80");
+        let gateway = &route_patches[1]["match"]["routeConfiguration"];
+        assert!(gateway.get("portNumber").is_none());
+        assert_eq!(gateway["vhost"]["name"], "a.example:80");
+        let route = &route_patches[0]["patch"]["value"];
+        assert_eq!(route["match"]["headers"][0]["name"], "x-llm-fallback");
+        assert_eq!(
+            route["match"]["headers"][0]["string_match"]["exact"],
+            "default/ha/0"
+        );
+        assert_eq!(route["route"]["cluster"], aggregate_name);
+        assert_eq!(route["route"]["retry_policy"]["retry_on"], "5xx");
+        assert_eq!(route["route"]["retry_policy"]["num_retries"], 1);
+    }
+
+    #[test]
+    fn fallback_pieces_are_render_envoys() {
+        let text = fallback_manifests("", "");
+        let docs = documents(&text);
+        let fallback = of_kind(&docs, "EnvoyFilter")[1];
+        let envoy_yaml =
+            crate::envoy::render(&config(&text), &crate::args::EnvoyOptions::default(), &[])
+                .unwrap();
+        let bootstrap: serde_yaml::Value = serde_yaml::from_str(&envoy_yaml).unwrap();
+        let envoy_route = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]
+            ["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
+            .clone();
+        let route = values(fallback, "HTTP_ROUTE", "SIDECAR_OUTBOUND")[0];
+        assert_eq!(route["match"], envoy_route["match"]);
+        assert_eq!(
+            route["route"]["retry_policy"],
+            envoy_route["route"]["retry_policy"]
+        );
+        let envoy_clusters = bootstrap["static_resources"]["clusters"]
+            .as_sequence()
+            .unwrap();
+        let clusters = values(fallback, "CLUSTER", "SIDECAR_OUTBOUND");
+        // Provider clusters as `render envoy` writes them without --endpoint/--ca, names aside.
+        for (ours, theirs) in clusters[..2].iter().zip(&envoy_clusters[..2]) {
+            for field in [
+                "type",
+                "transport_socket",
+                "typed_extension_protocol_options",
+                "connect_timeout",
+            ] {
+                assert_eq!(ours[field], theirs[field], "{field}");
+            }
+            assert_eq!(
+                ours["load_assignment"]["endpoints"],
+                theirs["load_assignment"]["endpoints"]
+            );
+        }
+        let ours = &clusters[2]["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"];
+        let theirs = &envoy_clusters[2]["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"];
+        assert_eq!(ours[1], theirs[1]);
+        for field in ["name", "root_id"] {
+            assert_eq!(
+                ours[0]["typed_config"]["config"][field],
+                theirs[0]["typed_config"]["config"][field]
+            );
+        }
+    }
+
+    #[test]
+    fn fallback_routes_go_where_the_filter_sends_the_request() {
+        // A hostRewrite: the request carries that authority, so its virtual host gets the route.
+        let docs = documents(&fallback_manifests("", "alias.example"));
+        let fallback = of_kind(&docs, "EnvoyFilter")[1];
+        for patch in patches(fallback)
+            .into_iter()
+            .filter(|p| p["applyTo"] == "HTTP_ROUTE")
+        {
+            assert_eq!(
+                patch["match"]["routeConfiguration"]["vhost"]["name"],
+                "alias.example:80"
+            );
+        }
+        // Its mesh VirtualService gives the sidecars that virtual host.
+        assert_eq!(
+            of_kind(&docs, "VirtualService")[0]["spec"]["hosts"][0],
+            "alias.example"
+        );
+
+        // Two backendRefs: a route and an aggregate per first provider; a gateway binding gets
+        // its own pair of EnvoyFilters, selecting the gateway's pods.
+        let text = fallback_manifests("", "").replace(
+            "backendRefs: [{providerHost: a.example}]",
+            "backendRefs: [{providerHost: a.example}, {providerHost: c.example}]",
+        ) + "---\n"
+            + &provider("c", "default", "c.example", "")
+            + "---\napiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMRoute\n\
+               metadata: {name: edge}\nspec:\n  host: edge.example\n  gateways: [edge/gw]\n\
+               \x20 rules:\n  - backendRefs: [{providerHost: c.example}]\n";
+        let docs = documents(&text);
+        let filters = of_kind(&docs, "EnvoyFilter");
+        let names: Vec<(&str, &str)> = filters
+            .iter()
+            .map(|f| {
+                (
+                    f["metadata"]["namespace"].as_str().unwrap(),
+                    f["metadata"]["name"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("default", "llm-filter"),
+                ("default", "llm-filter-fallback"),
+                ("edge", "llm-filter-ingressgateway"),
+                ("edge", "llm-filter-ingressgateway-fallback"),
+            ]
+        );
+        assert_eq!(
+            filters[3]["spec"]["workloadSelector"]["labels"]["istio"],
+            "ingressgateway"
+        );
+        let clusters: Vec<&str> = values(filters[1], "CLUSTER", "GATEWAY")
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            clusters,
+            [
+                "llm-provider|a.example",
+                "llm-provider|b.example",
+                "llm-provider|c.example",
+                "llm-fallback|default.ha.0|a.example",
+                "llm-fallback|default.ha.0|c.example",
+            ]
+        );
+        let vhosts: Vec<&str> = patches(filters[1])
+            .into_iter()
+            .filter(|p| p["applyTo"] == "HTTP_ROUTE" && p["match"]["context"] == "GATEWAY")
+            .map(|p| {
+                p["match"]["routeConfiguration"]["vhost"]["name"]
+                    .as_str()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(vhosts, ["a.example:80", "c.example:80"]);
+        assert_eq!(
+            filters[1]["spec"]["configPatches"],
+            filters[3]["spec"]["configPatches"]
+        );
+    }
+
+    #[test]
+    fn without_fallback_there_is_no_fallback_envoy_filter() {
+        let text = provider("a", "default", "a.example", "")
+            + "---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: r, namespace: default}
+spec:
+  host: chat.example
+  rules:
+  - matches: [{model: {prefix: gpt-}}]
+    backendRefs: [{providerHost: a.example}]
+";
+        let out = render(&config(&text), &IstioOptions::default()).unwrap();
+        for absent in ["fallback", "CLUSTER", "HTTP_ROUTE", "llm-filter-upstream"] {
+            assert!(!out.contains(absent), "{absent}: {out}");
+        }
+        let docs = documents(&text);
+        assert_eq!(of_kind(&docs, "EnvoyFilter").len(), 1);
     }
 
     #[test]
