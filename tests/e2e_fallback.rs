@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use support::client::{Req, SEED_BODY};
 use support::envoy::Envoy;
-use support::mock::{Behavior, FixedReply, MockServer, Recorded};
+use support::fallback::{self, fail};
+use support::mock::{Behavior, MockServer, Recorded};
 use support::*;
 
 const KEY_A: &str = "sk-fallback-dashscope";
@@ -75,35 +76,12 @@ fn render(dashscope: &str, moonshot: &str) -> String {
     )
 }
 
-fn fail(sni: &str, status: u16, message: &str) -> (String, FixedReply) {
-    (
-        sni.to_string(),
-        FixedReply {
-            status,
-            content_type: "application/json".into(),
-            body: format!(r#"{{"error": {{"message": "{message}"}}}}"#).into_bytes(),
-        },
-    )
-}
-
 fn assert_dashscope_attempt(r: &Recorded) {
-    assert_eq!(r.sni.as_deref(), Some(DASHSCOPE));
-    assert_eq!(r.authority.as_deref(), Some(DASHSCOPE));
-    assert_eq!(r.path, DASHSCOPE_PATH);
-    assert_eq!(r.model().as_deref(), Some("qwen-turbo"));
-    assert_bearer(r, KEY_A);
-    assert!(r.header("x-llm-fallback").is_none(), "marker leaked: {r:?}");
+    fallback::assert_attempt(r, DASHSCOPE, DASHSCOPE_PATH, "qwen-turbo", KEY_A);
 }
 
 fn assert_moonshot_attempt(r: &Recorded) {
-    assert_eq!(r.sni.as_deref(), Some(MOONSHOT));
-    assert_eq!(r.authority.as_deref(), Some(MOONSHOT));
-    assert_eq!(r.path, MOONSHOT_PATH);
-    assert_eq!(r.model().as_deref(), Some("moonshot-v1-8k"));
-    assert_bearer(r, KEY_B);
-    assert!(r.header("x-llm-fallback").is_none(), "marker leaked: {r:?}");
-    let json = r.json().unwrap();
-    assert_eq!(json["messages"][0]["role"], "user", "{json}");
+    fallback::assert_attempt(r, MOONSHOT, MOONSHOT_PATH, "moonshot-v1-8k", KEY_B);
 }
 
 #[tokio::test]
@@ -136,8 +114,7 @@ async fn failures_fall_back_to_the_next_provider_rewritten_for_it() {
         assert_eq!(seen.len(), 2, "{status}: {seen:#?}");
         assert_dashscope_attempt(&seen[0]);
         assert_moonshot_attempt(&seen[1]);
-        assert_logged(
-            &envoy,
+        envoy.assert_logged(
             "provider=moonshot rule=ha attempts=dashscope-qwen,moonshot model=moonshot-v1-8k",
         );
     }
@@ -166,7 +143,7 @@ async fn failures_fall_back_to_the_next_provider_rewritten_for_it() {
     let seen = mock.requests();
     assert_eq!(seen.len(), 1);
     assert_dashscope_attempt(&seen[0]);
-    assert_logged(&envoy, "provider=dashscope-qwen rule=ha attempts=- ");
+    envoy.assert_logged("provider=dashscope-qwen rule=ha attempts=- ");
 
     // Every provider fails: the last provider's error, promptly, after one attempt each.
     mock.clear();
@@ -242,10 +219,7 @@ async fn a_refused_connection_falls_back() {
     let seen = mock.requests();
     assert_eq!(seen.len(), 1, "{seen:#?}");
     assert_moonshot_attempt(&seen[0]);
-    assert_logged(
-        &envoy,
-        "provider=moonshot rule=ha attempts=dashscope-qwen,moonshot",
-    );
+    envoy.assert_logged("provider=moonshot rule=ha attempts=dashscope-qwen,moonshot");
 }
 
 #[tokio::test]
@@ -268,10 +242,7 @@ async fn an_unreachable_last_provider_is_the_one_recorded() {
     let seen = mock.requests();
     assert_eq!(seen.len(), 1, "{seen:#?}");
     assert_dashscope_attempt(&seen[0]);
-    assert_logged(
-        &envoy,
-        "provider=moonshot rule=ha attempts=dashscope-qwen,moonshot",
-    );
+    envoy.assert_logged("provider=moonshot rule=ha attempts=dashscope-qwen,moonshot");
 }
 
 #[tokio::test]
@@ -308,13 +279,4 @@ async fn a_client_without_a_model_sends_none_to_a_provider_without_one() {
         "the second attempt's body"
     );
     assert_bearer(&seen[1], KEY_B);
-}
-
-/// The access log records which providers were tried and which answered.
-fn assert_logged(envoy: &Envoy, needle: &str) {
-    let log = envoy.wait_for_log(needle, Duration::from_secs(5));
-    assert!(
-        log.contains(needle),
-        "{needle:?} not in the access log:\n{log}"
-    );
 }

@@ -30,12 +30,12 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::client::{Req, SEED_BODY};
 use support::envoy::Envoy;
-use support::mock::{Behavior, FixedReply, MockServer, Recorded};
+use support::fallback::{self, fail};
+use support::mock::{Behavior, MockServer, Recorded};
 use support::*;
 
 const KEY_A: &str = "sk-istio-dashscope";
@@ -554,34 +554,12 @@ fn start(proxy: &Proxy, mock: &MockServer, label: &str) -> Envoy {
     Envoy::start(&serde_yaml::to_string(&bootstrap).unwrap(), label)
 }
 
-fn fail(sni: &str, status: u16, message: &str) -> (String, FixedReply) {
-    (
-        sni.to_string(),
-        FixedReply {
-            status,
-            content_type: "application/json".into(),
-            body: format!(r#"{{"error": {{"message": "{message}"}}}}"#).into_bytes(),
-        },
-    )
-}
-
 fn assert_dashscope_attempt(r: &Recorded) {
-    assert_eq!(r.sni.as_deref(), Some(DASHSCOPE));
-    assert_eq!(r.authority.as_deref(), Some(DASHSCOPE));
-    assert_eq!(r.path, DASHSCOPE_PATH);
-    assert_eq!(r.model().as_deref(), Some("qwen-turbo"));
-    assert_bearer(r, KEY_A);
-    assert!(r.header("x-llm-fallback").is_none(), "marker leaked: {r:?}");
+    fallback::assert_attempt(r, DASHSCOPE, DASHSCOPE_PATH, "qwen-turbo", KEY_A);
 }
 
 fn assert_moonshot_attempt(r: &Recorded) {
-    assert_eq!(r.sni.as_deref(), Some(MOONSHOT));
-    assert_eq!(r.authority.as_deref(), Some(MOONSHOT));
-    assert_eq!(r.path, MOONSHOT_PATH);
-    assert_eq!(r.model().as_deref(), Some("moonshot-v1-8k"));
-    assert_bearer(r, KEY_B);
-    assert!(r.header("x-llm-fallback").is_none(), "marker leaked: {r:?}");
-    assert_eq!(r.json().unwrap()["messages"][0]["role"], "user");
+    fallback::assert_attempt(r, MOONSHOT, MOONSHOT_PATH, "moonshot-v1-8k", KEY_B);
 }
 
 /// A request to `host` while DashScope answers `status`: Moonshot answers it, after one
@@ -603,10 +581,9 @@ async fn falls_back(envoy: &Envoy, mock: &MockServer, host: &str, status: u16, c
     assert_eq!(seen.len(), 2, "{host} {status}: {seen:#?}");
     assert_dashscope_attempt(&seen[0]);
     assert_moonshot_attempt(&seen[1]);
-    assert_logged(
-        envoy,
-        &format!("cluster={cluster} provider=moonshot attempts=dashscope-qwen,moonshot"),
-    );
+    envoy.assert_logged(&format!(
+        "cluster={cluster} provider=moonshot attempts=dashscope-qwen,moonshot"
+    ));
 }
 
 #[tokio::test]
@@ -626,10 +603,9 @@ async fn a_sidecar_falls_back_through_the_rendered_envoy_filters() {
     let seen = mock.requests();
     assert_eq!(seen.len(), 1);
     assert_dashscope_attempt(&seen[0]);
-    assert_logged(
-        &envoy,
-        &format!("cluster={cluster} provider=dashscope-qwen attempts=-\n"),
-    );
+    envoy.assert_logged(&format!(
+        "cluster={cluster} provider=dashscope-qwen attempts=-\n"
+    ));
 
     // A route without fallback keeps Istio's own route (whose default retry policy does not
     // retry a 503): the failure reaches the client after one attempt, even when the client
@@ -646,8 +622,7 @@ async fn a_sidecar_falls_back_through_the_rendered_envoy_filters() {
     let seen = mock.requests();
     assert_eq!(seen.len(), 1, "{seen:#?}");
     assert_dashscope_attempt(&seen[0]);
-    assert_logged(
-        &envoy,
+    envoy.assert_logged(
         "503 authority=dashscope.aliyuncs.com cluster=outbound|80||dashscope.aliyuncs.com",
     );
     assert_no_wasm_failures(&envoy);
@@ -668,19 +643,10 @@ async fn a_gateway_falls_back_through_the_rendered_envoy_filters() {
     let seen = mock.requests();
     assert_eq!(seen.len(), 1);
     assert_dashscope_attempt(&seen[0]);
-    assert_logged(
-        &envoy,
-        &format!("cluster={cluster} provider=dashscope-qwen attempts=-\n"),
-    );
+    envoy.assert_logged(&format!(
+        "cluster={cluster} provider=dashscope-qwen attempts=-\n"
+    ));
     assert_no_wasm_failures(&envoy);
-}
-
-fn assert_logged(envoy: &Envoy, needle: &str) {
-    let log = envoy.wait_for_log(needle, Duration::from_secs(5));
-    assert!(
-        log.contains(needle),
-        "{needle:?} not in the access log:\n{log}"
-    );
 }
 
 fn assert_no_wasm_failures(envoy: &Envoy) {

@@ -153,6 +153,12 @@ impl Envoy {
     }
 
     /// Waits until the log contains `needle` (the access log is flushed every 100 ms).
+    /// Fails unless `needle` reaches the log within 5 s (the access log included).
+    pub fn assert_logged(&self, needle: &str) {
+        let log = self.wait_for_log(needle, Duration::from_secs(5));
+        assert!(log.contains(needle), "{needle:?} not in the log:\n{log}");
+    }
+
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod client;
 pub mod envoy;
+pub mod fallback;
 pub mod jwt;
 pub mod mock;
 pub mod patch;

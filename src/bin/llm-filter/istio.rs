@@ -292,23 +292,7 @@ fn filter_envoy_filter(
             })
         })
         .collect();
-    let mut spec = json!({ "configPatches": patches });
-    if !selection.labels.is_empty() {
-        spec["workloadSelector"] = json!({ "labels": selection.labels });
-    }
-    Document {
-        comments,
-        resource: json!({
-            "apiVersion": "networking.istio.io/v1alpha3",
-            "kind": "EnvoyFilter",
-            "metadata": {
-                "name": name,
-                "namespace": selection.namespace,
-                "labels": {"app.kubernetes.io/managed-by": "llm-filter"},
-            },
-            "spec": spec,
-        }),
-    }
+    envoy_filter(name, selection, comments, patches)
 }
 
 /// Name of our own cluster for a provider in a fallback (not Istio's `outbound|80||<host>`).
@@ -501,6 +485,16 @@ fn fallback_envoy_filter(
         ),
     ];
     comments.extend(parts.summary.iter().cloned());
+    envoy_filter(name, selection, comments, patches)
+}
+
+/// An `EnvoyFilter` named `name` with `patches`, for the workloads of `selection`.
+fn envoy_filter(
+    name: &str,
+    selection: &Selection,
+    comments: Vec<String>,
+    patches: Vec<Value>,
+) -> Document {
     let mut spec = json!({ "configPatches": patches });
     if !selection.labels.is_empty() {
         spec["workloadSelector"] = json!({ "labels": selection.labels });
