@@ -447,12 +447,7 @@ fn record_attempts(policy: &Policy, upstream: &mut Upstream, key: &[u8], headers
             if !failed {
                 return;
             }
-            let attempt = hostcalls::get_property(vec!["upstream", "request_attempt_count"])
-                .ok()
-                .flatten()
-                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-                .map_or(1, u64::from_le_bytes);
-            let attempt = usize::try_from(attempt).unwrap_or(usize::MAX);
+            let attempt = usize::try_from(attempt_count()).unwrap_or(usize::MAX);
             if attempt <= 1 {
                 return;
             }
@@ -639,12 +634,7 @@ impl HttpContext for AttemptHttp {
         let Some(Attempt { host, .. }) = &self.call else {
             return Action::Continue;
         };
-        let attempt = hostcalls::get_property(vec!["upstream", "request_attempt_count"])
-            .ok()
-            .flatten()
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(1, u64::from_le_bytes);
-        let attempt = attempt.to_string();
+        let attempt = attempt_count().to_string();
         for (name, value) in [
             (ANSWERED_BY, host.as_slice()),
             (ATTEMPT, attempt.as_bytes()),
@@ -657,6 +647,15 @@ impl HttpContext for AttemptHttp {
         }
         Action::Continue
     }
+}
+
+/// Envoy's count of attempts so far for this request (a u64, little-endian); 1 if unknown.
+fn attempt_count() -> u64 {
+    hostcalls::get_property(vec!["upstream", "request_attempt_count"])
+        .ok()
+        .flatten()
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map_or(1, u64::from_le_bytes)
 }
 
 /// Filter state `llm.client_model` for a client that named no model (a model's JSON text

@@ -275,36 +275,33 @@ type Span = (usize, usize);
 /// The top-level members of the body by key text (escapes decoded), duplicates refused.
 struct TopLevel<'a> {
     body: &'a [u8],
-    entries: Vec<(Cow<'a, [u8]>, Span)>,
-    /// Where each member begins (its key's opening quote), in the order of `entries`.
-    starts: Vec<usize>,
+    entries: Vec<Entry<'a>>,
 }
+
+/// A top-level member: its key's text, its value's span, and where it begins (its key's
+/// opening quote).
+type Entry<'a> = (Cow<'a, [u8]>, Span, usize);
 
 impl<'a> TopLevel<'a> {
     fn new(body: &'a [u8], object: &Object) -> Result<TopLevel<'a>, RequestError> {
-        let entries: Vec<(Cow<'a, [u8]>, Span)> = object
+        let entries: Vec<Entry<'a>> = object
             .members
             .iter()
-            .map(|m| (key_text(body, m), m.value))
+            .map(|m| (key_text(body, m), m.value, m.key.0 - 1))
             .collect();
-        let starts = object.members.iter().map(|m| m.key.0 - 1).collect();
-        let mut keys: Vec<&[u8]> = entries.iter().map(|(k, _)| k.as_ref()).collect();
+        let mut keys: Vec<&[u8]> = entries.iter().map(|(k, _, _)| k.as_ref()).collect();
         keys.sort_unstable();
         if keys.windows(2).any(|w| w[0] == w[1]) {
             return Err(RequestError::DuplicateKey);
         }
-        Ok(TopLevel {
-            body,
-            entries,
-            starts,
-        })
+        Ok(TopLevel { body, entries })
     }
 
     fn get_span(&self, key: &str) -> Option<Span> {
         self.entries
             .iter()
-            .find(|(k, _)| k.as_ref() == key.as_bytes())
-            .map(|(_, span)| *span)
+            .find(|(k, _, _)| k.as_ref() == key.as_bytes())
+            .map(|(_, span, _)| *span)
     }
 
     /// The bytes to cut to remove `key`'s member with one of its commas, if it is there.
@@ -312,14 +309,14 @@ impl<'a> TopLevel<'a> {
         let i = self
             .entries
             .iter()
-            .position(|(k, _)| k.as_ref() == key.as_bytes())?;
-        let (_, (_, value_end)) = self.entries[i];
-        Some(match (self.starts.get(i + 1), i.checked_sub(1)) {
+            .position(|(k, _, _)| k.as_ref() == key.as_bytes())?;
+        let (_, (_, value_end), start) = self.entries[i];
+        Some(match (self.entries.get(i + 1), i.checked_sub(1)) {
             // Up to the next member: this member and the comma after it.
-            (Some(&next), _) => (self.starts[i], next),
+            (Some(&(_, _, next)), _) => (start, next),
             // The last member: from the end of the one before, so its comma goes too.
             (None, Some(before)) => (self.entries[before].1 .1, value_end),
-            (None, None) => (self.starts[i], value_end),
+            (None, None) => (start, value_end),
         })
     }
 

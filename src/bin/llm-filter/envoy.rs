@@ -190,7 +190,7 @@ impl ProviderPlan {
 }
 
 /// The host as the filter compares it: trimmed, lower case, without a trailing dot.
-fn normalize_host(host: &str) -> String {
+pub(crate) fn normalize_host(host: &str) -> String {
     host.trim().trim_end_matches('.').to_ascii_lowercase()
 }
 
@@ -280,6 +280,9 @@ pub(crate) struct FallbackPlan {
     pub(crate) key: String,
     /// The first provider's cluster (its virtual host gets the route).
     pub(crate) first: String,
+    /// The `:authority` the filter sends that provider for this rule: the backendRef's
+    /// `hostRewrite`, else the provider host.
+    pub(crate) authority: String,
     /// The sub-clusters: `first`, then the fallback providers' clusters, in order.
     pub(crate) clusters: Vec<String>,
     pub(crate) triggers: Vec<FallbackOn>,
@@ -337,6 +340,12 @@ pub(crate) fn plan_fallbacks(
                     ),
                     key: key.clone(),
                     first,
+                    authority: normalize_host(
+                        backend
+                            .host_rewrite
+                            .as_deref()
+                            .unwrap_or(&backend.provider_host),
+                    ),
                     clusters,
                     triggers: fallback.triggers(),
                 });

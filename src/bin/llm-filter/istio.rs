@@ -25,7 +25,7 @@ use llm_filter::config::{FilterConfig, RouteManifest};
 use serde_json::{json, Value};
 
 use crate::args::{EnvoyOptions, IstioOptions};
-use crate::envoy::{self, ProviderPlan};
+use crate::envoy::{self, normalize_host, ProviderPlan};
 
 /// `pluginName` (Envoy's `root_id`) of every rendered WasmPlugin.
 pub const PLUGIN_NAME: &str = "llm-filter";
@@ -103,11 +103,6 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
     }
     lines.push(line);
     lines
-}
-
-/// A host as the filter compares it: trimmed, lower-case, without a trailing dot.
-fn normalize_host(host: &str) -> String {
-    host.trim().trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// Where a WasmPlugin goes and which pods it selects.
@@ -390,7 +385,7 @@ fn fallback_parts(config: &FilterConfig) -> Result<Option<FallbackParts>, String
     for plan in &mut plans {
         let first = host_of(&plan.first);
         plan.name = format!("llm-fallback|{}|{first}", plan.key.replace('/', "."));
-        let authority = first_authority(config, &plan.key, &first);
+        let authority = plan.authority.clone();
         parts.aggregates.push(to_json(envoy::aggregate_cluster(
             plan,
             &upstream_filter,
@@ -408,32 +403,6 @@ fn fallback_parts(config: &FilterConfig) -> Result<Option<FallbackParts>, String
         ));
     }
     Ok(Some(parts))
-}
-
-/// The `:authority` the filter sends to provider `first` for the rule whose fallback key is
-/// `key`: that backendRef's `hostRewrite`, else the provider host.
-fn first_authority(config: &FilterConfig, key: &str, first: &str) -> String {
-    for route in &config.routes {
-        for (r, rule) in route.spec.rules.iter().enumerate() {
-            if llm_filter::config::fallback_key(route.metadata.namespace(), &route.metadata.name, r)
-                != key
-            {
-                continue;
-            }
-            if let Some(backend) = rule
-                .backend_refs
-                .iter()
-                .find(|b| normalize_host(&b.provider_host) == first)
-            {
-                return backend
-                    .host_rewrite
-                    .as_deref()
-                    .map(normalize_host)
-                    .unwrap_or_else(|| first.to_string());
-            }
-        }
-    }
-    first.to_string()
 }
 
 /// The EnvoyFilter that makes fallback work on the proxies of `selection` (sidecars' outbound
