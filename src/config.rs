@@ -307,6 +307,16 @@ pub struct Settings {
         skip_serializing_if = "is_default_hold_timeout"
     )]
     pub hold_timeout_ms: u64,
+    /// Clients may call an `LLMProvider`'s own host (its `defaultConfig`). `false` on an ingress
+    /// gateway, which serves providers only through the `LLMRoute` hosts bound to it: there a
+    /// provider host is answered 404, so no authorization written for the route hosts can be
+    /// side-stepped by naming the provider. `llm-filter render` sets it for gateways.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub direct_provider_calls: bool,
+}
+
+fn is_yes(value: &bool) -> bool {
+    *value
 }
 
 fn default_hold_timeout_ms() -> u64 {
@@ -335,6 +345,7 @@ impl Default for Settings {
             request_stream_usage: true,
             forward_after_body: false,
             hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
+            direct_provider_calls: true,
         }
     }
 }
