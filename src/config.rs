@@ -251,6 +251,14 @@ pub fn fallback_key(namespace: &str, name: &str, rule: usize) -> String {
 /// The request header that carries `fallback_key`.
 pub const FALLBACK_HEADER: &str = "x-llm-fallback";
 
+/// The filter state the filter sets, before Envoy picks the route, to the `metadata.name` of
+/// the provider it rewrote the request for. Envoy's wasm host stores it as
+/// `PROVIDER_STATE_IN_ENVOY`; `llm-filter render envoy`'s provider routes require it, so no
+/// request the filter did not rewrite reaches a provider's cluster.
+pub const PROVIDER_STATE: &str = "llm.provider";
+/// `PROVIDER_STATE` as Envoy names it (route `filter_state` matches, access logs).
+pub const PROVIDER_STATE_IN_ENVOY: &str = "wasm.llm.provider";
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchConfig {

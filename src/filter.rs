@@ -20,7 +20,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::balancer::SplitMix64;
-use crate::config::FALLBACK_HEADER;
+use crate::config::{FALLBACK_HEADER, PROVIDER_STATE};
 use crate::error::RequestError;
 use crate::hold::{header_bytes, held_verdict, hold_timer, ticks_per_minute, Held, HeldVerdict};
 use crate::metadata;
@@ -37,8 +37,6 @@ const UPSTREAM_ROOT_ID: &str = "llm-filter-upstream";
 /// answered and on which attempt; the downstream part records and removes them.
 const ANSWERED_BY: &str = "x-llm-answered-by";
 const ATTEMPT: &str = "x-llm-attempt";
-/// Filter state naming the provider a request was rewritten for (Envoy: `wasm.llm.provider`).
-const PROVIDER_STATE: &str = "llm.provider";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
