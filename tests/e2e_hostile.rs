@@ -205,11 +205,12 @@ async fn empty_bodies_in_every_framing_get_empty_body() {
     )
     .await;
     assert_openai_error(&resp, 400, "empty_body");
+    // A GET is not a chat request at all (see e2e_methods.rs).
     let mut get = Req::post(DASHSCOPE, "/v1/chat/completions", "");
     get.method = "GET".into();
     get.auto_content_length = false;
     let resp = s.send(&get).await;
-    assert_openai_error(&resp, 400, "empty_body");
+    assert_openai_error(&resp, 405, "method_not_allowed");
     assert_nothing_reached_the_provider(&s);
     assert_filter_healthy(&mut s).await;
 }
@@ -606,16 +607,17 @@ async fn headers_over_envoys_limit_get_431_from_envoy() {
 }
 
 /// Row "`Host` with port, case or trailing dot", for a provider's own host (`e2e_seeds`
-/// covers the forms of a route's short name): all routed to DashScope, rewritten.
+/// covers the forms of a route's short name; e2e_host_forms.rs every form against every
+/// shipped config): port and case are routed to DashScope, rewritten; a trailing dot is refused.
 #[tokio::test]
-async fn provider_host_with_port_case_or_trailing_dot_is_routed() {
+async fn provider_host_with_port_or_case_is_routed_and_a_trailing_dot_refused() {
     let mut s = Stack::start("mesh.yaml");
-    let forms = [
-        "dashscope.aliyuncs.com:10000",
-        "DashScope.Aliyuncs.COM",
-        "dashscope.aliyuncs.com.",
-        "DASHSCOPE.ALIYUNCS.COM.:443",
-    ];
+    for host in ["dashscope.aliyuncs.com.", "DASHSCOPE.ALIYUNCS.COM.:443"] {
+        let resp = s.send(&Req::chat(host, SEED_BODY)).await;
+        assert_openai_error(&resp, 400, "invalid_host");
+    }
+    assert_nothing_reached_the_provider(&s);
+    let forms = ["dashscope.aliyuncs.com:10000", "DashScope.Aliyuncs.COM"];
     for host in forms {
         s.provider.clear();
         let resp = s.send(&Req::chat(host, SEED_BODY)).await;

@@ -298,16 +298,15 @@ pub fn remove_wasm_filter(doc: &mut Value) -> Result<(), String> {
     if removed == 0 {
         return Err(format!("no {WASM_FILTER} filter to remove"));
     }
+    remove_filter_marks(doc)?;
     Ok(())
 }
 
-/// Sets `timeout` (an Envoy duration such as `"1s"`) on every route that forwards to a
-/// cluster, in every HTTP connection manager's inline `route_config`; returns how many
-/// routes changed. The fault tests use it to make Envoy's 504 come in test time.
-pub fn set_route_timeout(doc: &mut Value, timeout: &str) -> Result<usize, String> {
+/// Every route of every HTTP connection manager's inline `route_config`.
+fn routes_mut(doc: &mut Value) -> Result<Vec<&mut Value>, String> {
     let sr = field(doc, "static_resources", "bootstrap")?;
     let listeners = seq(sr, "listeners", "static_resources")?;
-    let mut changed = 0;
+    let mut all = Vec::new();
     for l in listeners.iter_mut() {
         let chains = l.get_mut("filter_chains").and_then(Value::as_sequence_mut);
         for chain in chains.into_iter().flatten() {
@@ -320,14 +319,37 @@ pub fn set_route_timeout(doc: &mut Value, timeout: &str) -> Result<usize, String
                     .and_then(Value::as_sequence_mut);
                 for vh in vhosts.into_iter().flatten() {
                     let routes = vh.get_mut("routes").and_then(Value::as_sequence_mut);
-                    for r in routes.into_iter().flatten() {
-                        if let Some(action) = r.get_mut("route").and_then(Value::as_mapping_mut) {
-                            action.insert("timeout".into(), timeout.into());
-                            changed += 1;
-                        }
-                    }
+                    all.extend(routes.into_iter().flatten());
                 }
             }
+        }
+    }
+    Ok(all)
+}
+
+/// Plain Envoy, routing as the bootstrap does: drops the route matches on the filter's mark
+/// (which only the filter sets). Returns how many routes changed.
+pub fn remove_filter_marks(doc: &mut Value) -> Result<usize, String> {
+    let mut changed = 0;
+    for r in routes_mut(doc)? {
+        if let Some(m) = r.get_mut("match").and_then(Value::as_mapping_mut) {
+            if m.remove("filter_state").is_some() {
+                changed += 1;
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// Sets `timeout` (an Envoy duration such as `"1s"`) on every route that forwards to a
+/// cluster, in every HTTP connection manager's inline `route_config`; returns how many
+/// routes changed. The fault tests use it to make Envoy's 504 come in test time.
+pub fn set_route_timeout(doc: &mut Value, timeout: &str) -> Result<usize, String> {
+    let mut changed = 0;
+    for r in routes_mut(doc)? {
+        if let Some(action) = r.get_mut("route").and_then(Value::as_mapping_mut) {
+            action.insert("timeout".into(), timeout.into());
+            changed += 1;
         }
     }
     if changed == 0 {

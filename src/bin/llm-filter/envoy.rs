@@ -552,10 +552,6 @@ fn listener(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         [
             ("stat_prefix", LISTENER.into()),
-            // One form of each host for every filter (RBAC, JWT, ext_authz, llm-filter) and
-            // for the route: `test.com.` and `test.com:80` arrive as `test.com`.
-            ("strip_trailing_host_dot", true.into()),
-            ("strip_any_host_port", true.into()),
             ("access_log", Value::Sequence(vec![access_log])),
             (
                 "route_config",
@@ -765,10 +761,7 @@ fn not_rewritten_route() -> Value {
             "direct_response",
             map([
                 ("status", 404u64.into()),
-                (
-                    "body",
-                    map([("inline_string", NOT_REWRITTEN_BODY.into())]),
-                ),
+                ("body", map([("inline_string", NOT_REWRITTEN_BODY.into())])),
             ]),
         ),
     ])
@@ -1407,13 +1400,11 @@ mod tests {
             ["dashscope-qwen", "moonshot", "everything-else"]
         );
         let vhosts = hcm(&doc)["route_config"]["virtual_hosts"].clone();
-        // Exactly the name the filter sets; Envoy's HCM strips ports and trailing dots first.
+        // Exactly the name the filter sets.
         assert_eq!(
             vhosts[1]["domains"],
             serde_yaml::from_str::<Value>("[api.moonshot.cn]").unwrap()
         );
-        assert_eq!(hcm(&doc)["strip_any_host_port"], true);
-        assert_eq!(hcm(&doc)["strip_trailing_host_dot"], true);
         let routes = vhosts[1]["routes"].as_sequence().unwrap();
         assert_eq!(routes.len(), 2);
         // Only what the filter rewrote for this provider reaches its cluster.
@@ -1428,7 +1419,10 @@ mod tests {
         assert_eq!(route["cluster"], "moonshot");
         assert_eq!(route["timeout"], "300s");
         assert_eq!(route["idle_timeout"], "0s");
-        assert_eq!(routes[1]["match"], serde_yaml::from_str::<Value>("{prefix: /}").unwrap());
+        assert_eq!(
+            routes[1]["match"],
+            serde_yaml::from_str::<Value>("{prefix: /}").unwrap()
+        );
         assert_eq!(routes[1]["direct_response"]["status"], 404);
         let body: serde_json::Value = serde_json::from_str(
             routes[1]["direct_response"]["body"]["inline_string"]
@@ -1761,7 +1755,10 @@ spec:
         assert_eq!(routes.len(), 3, "{routes:?}");
         let first = &routes[0];
         assert_eq!(first["match"]["headers"][0]["name"], "x-llm-fallback");
-        assert_eq!(first["match"]["filter_state"][0]["key"], "wasm.llm.provider");
+        assert_eq!(
+            first["match"]["filter_state"][0]["key"],
+            "wasm.llm.provider"
+        );
         assert_eq!(
             first["match"]["filter_state"][0]["string_match"]["exact"],
             "dashscope-qwen"
