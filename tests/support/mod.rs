@@ -14,6 +14,7 @@ pub mod fallback;
 pub mod jwt;
 pub mod mock;
 pub mod patch;
+pub mod raw;
 
 use client::{Req, Resp};
 use mock::{MockServer, TestPki};
