@@ -302,26 +302,13 @@ fn model_routes_without_the_body_aware_envoy_setting_fail_loudly() {
 #[test]
 fn held_headers_without_the_envoy_flag_fail_loudly() {
     let provider = MockServer::start_tls(&pki().0).expect("mock provider");
-    let yaml: String = rendered(&provider)
-        .replace(
+    let yaml = with_hold_timeout(
+        &rendered(&provider).replace(
             "allow_on_headers_stop_iteration: true",
             "allow_on_headers_stop_iteration: false",
-        )
-        .lines()
-        .flat_map(|line| {
-            // The same indentation: a line of the settings document inside the config string.
-            let extra = line
-                .trim_start()
-                .starts_with("forwardAfterBody: true")
-                .then(|| {
-                    let indent = &line[..line.len() - line.trim_start().len()];
-                    format!("{indent}holdTimeoutMs: 1000")
-                });
-            std::iter::once(line.to_string()).chain(extra)
-        })
-        .map(|line| line + "\n")
-        .collect();
-    assert!(yaml.contains("holdTimeoutMs: 1000"), "{yaml}");
+        ),
+        1000,
+    );
     let envoy = Envoy::start(&yaml, "models-no-flag");
     let rt = tokio::runtime::Runtime::new().unwrap();
     for model in ["qwen-long", "gpt-4o"] {

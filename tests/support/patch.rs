@@ -160,10 +160,32 @@ fn point_cluster_at(c: &mut Value, addr: SocketAddr, ctx: &str) -> Result<(), St
     m.insert("type".into(), "STATIC".into());
     m.remove("dns_lookup_family");
     let la = field(c, "load_assignment", ctx)?;
-    let la = la
-        .as_mapping_mut()
-        .ok_or_else(|| format!("{ctx}.load_assignment: not a mapping"))?;
-    la.insert("endpoints".into(), endpoint_list(addr));
+    // Keep each endpoint's metadata (a fallback's upstream part tells providers apart by
+    // `filter_metadata.llm.provider`): only the addresses change.
+    let mut moved = 0;
+    let localities = la.get_mut("endpoints").and_then(Value::as_sequence_mut);
+    for locality in localities.into_iter().flatten() {
+        let lbs = locality
+            .get_mut("lb_endpoints")
+            .and_then(Value::as_sequence_mut);
+        for lb in lbs.into_iter().flatten() {
+            if let Some(endpoint) = lb.get_mut("endpoint").and_then(Value::as_mapping_mut) {
+                let mut address = Mapping::new();
+                address.insert(
+                    "socket_address".into(),
+                    socket_address(&addr.ip().to_string(), addr.port()),
+                );
+                endpoint.insert("address".into(), Value::Mapping(address));
+                moved += 1;
+            }
+        }
+    }
+    if moved == 0 {
+        let la = la
+            .as_mapping_mut()
+            .ok_or_else(|| format!("{ctx}.load_assignment: not a mapping"))?;
+        la.insert("endpoints".into(), endpoint_list(addr));
+    }
     Ok(())
 }
 

@@ -136,12 +136,26 @@ fn dechunk(mut rest: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One HTTP/2 request without TLS (prior knowledge, as Envoy's listener accepts it) from
+/// One HTTP/2 POST without TLS (prior knowledge, as Envoy's listener accepts it) from
 /// `source`: `:authority` from `authority`, and, if given, a separate `host` header.
 pub async fn send_h2(
     source: Option<IpAddr>,
     addr: SocketAddr,
     authority: &str,
+    host: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let uri = format!("http://{authority}/");
+    send_h2_request(source, addr, "POST", &uri, host, headers, body).await
+}
+
+/// One HTTP/2 request of any method to `uri` (`authority` alone for CONNECT).
+pub async fn send_h2_request(
+    source: Option<IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    uri: &str,
     host: Option<&str>,
     headers: &[(&str, &str)],
     body: &[u8],
@@ -157,9 +171,7 @@ pub async fn send_h2(
             .await
             .unwrap();
     tokio::spawn(conn);
-    let mut request = hyper::Request::builder()
-        .method("POST")
-        .uri(format!("http://{authority}/"));
+    let mut request = hyper::Request::builder().method(method).uri(uri);
     if let Some(host) = host {
         request = request.header("host", host);
     }
