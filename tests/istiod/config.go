@@ -22,6 +22,8 @@ import (
 	kubeyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
+	networking "istio.io/api/networking/v1alpha3"
+
 	"istio.io/istio/pilot/pkg/config/kube/crd"
 	"istio.io/istio/pkg/config"
 	"istio.io/istio/pkg/config/schema/collections"
@@ -130,7 +132,7 @@ func parseDocument(doc []byte, warn func(string)) (*object, error) {
 		}
 		warning, err := s.ValidateConfig(*cfg)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %v", key, err)
+			return nil, fmt.Errorf("%s: %s", key, oneLine(err))
 		}
 		if warning != nil {
 			warn(fmt.Sprintf("%s: warning: %v", key, warning))
@@ -166,6 +168,19 @@ func parseDocument(doc []byte, warn func(string)) (*object, error) {
 	return &object{key: key, kube: decoded, fingerprint: string(fingerprint)}, nil
 }
 
+// oneLine turns Istio's multi-error text ("2 errors occurred:\n\t* a\n\t* b") into "a; b".
+func oneLine(err error) string {
+	var parts []string
+	for _, line := range strings.Split(err.Error(), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasSuffix(line, "occurred:") {
+			continue
+		}
+		parts = append(parts, strings.TrimPrefix(line, "* "))
+	}
+	return strings.Join(parts, "; ")
+}
+
 // summary counts the objects by kind, for log lines.
 func summary(objects []object) string {
 	counts := map[string]int{}
@@ -182,6 +197,32 @@ func summary(objects []object) string {
 		parts = append(parts, fmt.Sprintf("%d %s", counts[k], k))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// hosts: `istiod-local hosts FILE...` prints the hosts of every MESH_EXTERNAL ServiceEntry (the
+// providers, in what `render istio` makes), one per line, for the mocks that stand in for them.
+func hosts(args []string) error {
+	objects, err := loadFiles(args, func(string) {})
+	if err != nil {
+		return err
+	}
+	seen := map[string]bool{}
+	for _, o := range objects {
+		if o.istio == nil || o.key.kind != "ServiceEntry" {
+			continue
+		}
+		se, ok := o.istio.Spec.(*networking.ServiceEntry)
+		if !ok || se.GetLocation() != networking.ServiceEntry_MESH_EXTERNAL {
+			continue
+		}
+		for _, h := range se.GetHosts() {
+			if !seen[h] {
+				seen[h] = true
+				fmt.Println(h)
+			}
+		}
+	}
+	return nil
 }
 
 // validate: `istiod-local validate FILE...` checks files as serve would and prints a summary.

@@ -4,6 +4,8 @@
 //	istiod-local serve     --config FILE... [--ca PEM] [--endpoint HOST=IP:PORT]... [flags]
 //	istiod-local bootstrap --type sidecar|router --ip IP --name NAME --namespace NS [flags]
 //	istiod-local wait      --proxy NAME=ADMIN_ADDR[,LOG_FILE]... [--timeout 60s]
+//	istiod-local validate  FILE...   (validate as serve would, print a summary)
+//	istiod-local hosts     FILE...   (the MESH_EXTERNAL ServiceEntry hosts, one per line)
 //
 // serve: istio.io/istio/pilot/test/xds's FakeDiscoveryServer (istiod's real config generators,
 // the WasmPlugin translation, EnvoyFilter patching, the ServiceEntry and Kubernetes service
@@ -41,8 +43,10 @@ func main() {
 		err = wait(os.Args[2:])
 	case "validate":
 		err = validate(os.Args[2:])
+	case "hosts":
+		err = hosts(os.Args[2:])
 	default:
-		err = fmt.Errorf("unknown command %q (serve, bootstrap, wait, validate)", os.Args[1])
+		err = fmt.Errorf("unknown command %q (serve, bootstrap, wait, validate, hosts)", os.Args[1])
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "istiod-local %s: %v\n", os.Args[1], err)

@@ -2,7 +2,8 @@ package main
 
 // wait: a proxy has its configuration when Envoy is LIVE (its initial LDS/CDS applied and its
 // listeners warmed, which includes every ECDS filter a listener waits for), no listener is
-// still warming, and every ECDS subscription got a config. A rejected listener, cluster or
+// still warming, and every ECDS subscription got a config. (A proxy may have no listener at
+// all: a gateway that no Gateway resource selects.) A rejected listener, cluster or
 // ECDS update fails at once, naming the proxy and quoting Envoy's reason from its log.
 
 import (
@@ -100,9 +101,6 @@ func (p proxyAdmin) check() (string, error) {
 	}
 	if n := stats["listener_manager.total_listeners_warming"]; n > 0 {
 		return fmt.Sprintf("%d listener(s) warming", n), nil
-	}
-	if stats["listener_manager.total_listeners_active"] == 0 {
-		return "an active listener", nil
 	}
 	body, err := p.get("/ready")
 	if err != nil || strings.TrimSpace(body) != "LIVE" {
