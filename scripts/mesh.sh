@@ -8,6 +8,7 @@
 #                      [--provider-ca PEM] [--work DIR]
 #   scripts/mesh.sh reload [--work DIR]   render the same manifests again and push the change
 #   scripts/mesh.sh down [--work DIR]     stop everything `up` started
+#   scripts/mesh.sh build                 build the discovery server only; print its path
 #
 # up:
 #   --manifests FILE  LLMProvider/LLMRoute manifests (repeatable; a directory means each of its
@@ -21,8 +22,12 @@
 #   --provider HOST=IP:PORT  where the proxies reach provider HOST (repeatable). Without any,
 #                     mock providers (examples/mock_stack.rs) answer for every provider host; what
 #                     they receive is logged to DIR/mocks/mock.log.
-#   --provider-ca PEM the CA the proxies trust for providers (default: the mocks' CA, or the OS
-#                     bundle with --provider).
+#   --provider-ca PEM the CA that signed the providers' certificates (default: the mocks' CA;
+#                     with --provider, none beyond the OS bundle). The proxies see it as part of
+#                     their OS CA bundle, /etc/ssl/certs/ca-certificates.crt, which is what both
+#                     forms of TLS origination verify against: istio-agent serves that file as
+#                     the SDS secret file-root:system (DestinationRule SIMPLE without
+#                     caCertificates), and the fallback clusters name it directly.
 #   --work DIR        where state, logs and configs go (default: .work/mesh).
 #
 # It starts the discovery server, the sidecar (namespace default, labels app=sleep) and the
@@ -39,7 +44,8 @@
 # pod), and the gateway's Service istio-system/istio-ingressgateway (port 80 to a free port,
 # the translation a real install's gateway Service makes from 80 to 8080). The proxies run in
 # their own mount namespace with the release .wasm at /var/local/lib/wasm/llm_filter.wasm, where
-# the EnvoyFilter form expects the mounted module. Provider hosts reach --provider addresses
+# the EnvoyFilter form expects the mounted module, and the OS bundle plus --provider-ca at
+# /etc/ssl/certs/ca-certificates.crt. Provider hosts reach --provider addresses
 # through the discovery server's --endpoint override (see tests/istiod/endpoints.go).
 #
 # LLM_FILTER_WASM, LLM_FILTER_BIN and LLM_ISTIOD name prebuilt files (the release .wasm, the
@@ -50,17 +56,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # Our five lines go to the real stdout (fd 3); every log line to stderr.
 exec 3>&1 1>&2
 
-usage() { sed -n '2,47s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,54s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 # The module path the EnvoyFilter form loads (src/bin/llm-filter/istio.rs MOUNTED_WASM).
 MOUNTED_WASM=/var/local/lib/wasm/llm_filter.wasm
+OS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 
 # _proxy MESH NAME WASM ENVOY (internal): Envoy in a mount namespace of its own with the
-# module mounted where the EnvoyFilter form expects it, working directory MESH/root (the SDS
-# socket's relative path is istio-agent's).
+# module mounted where the EnvoyFilter form expects it and MESH/root/ca-bundle.pem as its OS CA
+# bundle; working directory MESH/root (the SDS socket's relative path is istio-agent's).
 run_proxy() {
     local mesh=$1 name=$2 wasm=$3 envoy=$4
     [ -d /var/local ] || mkdir -p /var/local
+    [ -f "$OS_CA_BUNDLE" ] || die "$OS_CA_BUNDLE is missing (apt-get install ca-certificates)"
     # shellcheck disable=SC2016 # the inner bash expands them
     exec unshare --mount --propagation private bash -c '
         set -e
@@ -68,10 +76,11 @@ run_proxy() {
         mkdir -p "$(dirname "$5")"
         : >"$5"
         mount --bind "$3" "$5"
+        mount --bind "$1/root/ca-bundle.pem" "$6"
         cd "$1/root"
         exec "$4" -c "$1/$2.json" --concurrency 1 --use-dynamic-base-id \
             --admin-address-path "$1/$2.admin" --file-flush-interval-msec 100 --log-level info
-    ' mesh-proxy "$mesh" "$name" "$wasm" "$envoy" "$MOUNTED_WASM"
+    ' mesh-proxy "$mesh" "$name" "$wasm" "$envoy" "$MOUNTED_WASM" "$OS_CA_BUNDLE"
 }
 
 COMMAND=${1:-}
@@ -135,7 +144,7 @@ start() {
     local name=$1 logfile=$2
     shift 2
     # shellcheck disable=SC2016 # $@ and $! belong to the inner sh
-    setsid sh -c '"$@" & wait "$!"' "mesh-$name" "$@" </dev/null >"$logfile" 2>&1 &
+    setsid sh -c '"$@" & wait "$!"' "mesh-$name" "$@" </dev/null >"$logfile" 2>&1 3>&- &
     printf '%s %s\n' "$!" "$name" >>"$PIDS_FILE"
     LAST_PID=$!
     log "started $name (pid $!, log ${logfile#"$REPO_ROOT"/})"
@@ -322,8 +331,11 @@ up() {
         for f in "${hosts[@]}"; do PROVIDERS+=("$f=$addr"); done
         [ -n "$ca" ] || ca=$MESH/mocks/ca.pem
     fi
-    [ -n "$ca" ] || ca=/etc/ssl/certs/ca-certificates.crt
-    [ -f "$ca" ] || die "--provider-ca $ca: no such file"
+    [ -z "$ca" ] || [ -f "$ca" ] || die "--provider-ca $ca: no such file"
+    [ -f "$OS_CA_BUNDLE" ] || ensure_cmd update-ca-certificates ca-certificates
+    # The proxies' OS bundle: this machine's, plus the providers' CA.
+    cat "$OS_CA_BUNDLE" ${ca:+"$ca"} >"$MESH/root/ca-bundle.pem"
+    ca=$MESH/root/ca-bundle.pem
     for p in "${PROVIDERS[@]}"; do endpoints+=(--endpoint "$p"); done
 
     local args=() c
@@ -394,11 +406,15 @@ reload() {
 case $COMMAND in
 up) up ;;
 reload) reload ;;
+build)
+    build_istiod >&2 || die "cannot build the discovery server (tests/istiod)"
+    printf '%s\n' "$ISTIOD" >&3
+    ;;
 down)
     stop_recorded
     ok "local mesh in $MESH stopped"
     ;;
 _proxy) run_proxy "${@}" ;;
 -h | --help | "") usage ;;
-*) die "unknown command $COMMAND (up, reload, down)" ;;
+*) die "unknown command $COMMAND (up, reload, down, build)" ;;
 esac

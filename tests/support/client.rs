@@ -198,3 +198,95 @@ async fn send_inner(addr: SocketAddr, req: &Req) -> Result<Resp, String> {
         body_error,
     })
 }
+
+/// Sends `bytes` as they are (any request line, any `Host` bytes) on a new connection, from
+/// `source` if given, and returns everything the server writes back until it closes the
+/// connection or 10 s pass (send `Connection: close` to get the answer promptly).
+pub async fn send_raw(addr: SocketAddr, source: Option<IpAddr>, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    if let Some(ip) = source {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+    }
+    let mut stream = socket
+        .connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.write_all(bytes).await.expect("write the request");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    out
+}
+
+/// Sends `req` over HTTP/2 with prior knowledge (h2c, as a sidecar's client may), with
+/// `:authority` = `req.host` (any value the h2 encoder takes), from `req.source_ip` if set.
+pub async fn send_h2(addr: SocketAddr, req: &Req) -> Resp {
+    let work = async {
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        if let Some(ip) = req.source_ip {
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| format!("bind {ip}: {e}"))?;
+        }
+        let stream = socket
+            .connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .map_err(|e| format!("h2 handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let uri = format!("http://{}{}", req.host, req.path);
+        let mut builder = hyper::Request::builder()
+            .method(req.method.as_str())
+            .uri(uri.as_str());
+        for (n, v) in &req.headers {
+            builder = builder.header(n.as_str(), v.as_str());
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(req.body.clone())))
+            .map_err(|e| format!("bad request: {e}"))?;
+        let sent = Instant::now();
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let mut body = response.into_body();
+        let (mut chunks, mut all, mut body_error) = (Vec::new(), Vec::new(), None);
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(data) = f.into_data() {
+                        all.extend_from_slice(&data);
+                        chunks.push((sent.elapsed(), data));
+                    }
+                }
+                Err(e) => {
+                    body_error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        Ok::<Resp, String>(Resp {
+            status,
+            headers,
+            body: all,
+            chunks,
+            body_error,
+        })
+    };
+    match tokio::time::timeout(Duration::from_secs(60), work).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("h2 request to {addr} (:authority {}) failed: {e}", req.host),
+        Err(_) => panic!("h2 request to {addr}: no complete answer within 60 s"),
+    }
+}
