@@ -124,7 +124,13 @@ async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
     assert_eq!(resp.json()["model"], "qwen1.5-72b-chat");
     let seen = mock.requests();
     assert_eq!(seen.len(), 1);
-    assert_call(&seen[0], DASHSCOPE, DASHSCOPE_PATH, "qwen1.5-72b-chat", KEY_DASHSCOPE);
+    assert_call(
+        &seen[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen1.5-72b-chat",
+        KEY_DASHSCOPE,
+    );
 
     // The same over HTTP/2 (h2c), and as a subscriber: rule vip-route, qwen-turbo, VIP key.
     mock.clear();
@@ -135,8 +141,20 @@ async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.json()["model"], "qwen-turbo");
     let seen = mock.requests();
-    assert_call(&seen[0], DASHSCOPE, DASHSCOPE_PATH, "qwen1.5-72b-chat", KEY_DASHSCOPE);
-    assert_call(&seen[1], DASHSCOPE, DASHSCOPE_PATH, "qwen-turbo", KEY_DASHSCOPE_VIP);
+    assert_call(
+        &seen[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen1.5-72b-chat",
+        KEY_DASHSCOPE,
+    );
+    assert_call(
+        &seen[1],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-turbo",
+        KEY_DASHSCOPE_VIP,
+    );
 
     // The 50/50 split of demo-llm-server over 200 requests.
     mock.clear();
@@ -146,16 +164,28 @@ async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
     }
     let seen = mock.requests();
     assert_eq!(seen.len(), 200);
-    let dashscope = seen.iter().filter(|r| r.sni.as_deref() == Some(DASHSCOPE)).count();
+    let dashscope = seen
+        .iter()
+        .filter(|r| r.sni.as_deref() == Some(DASHSCOPE))
+        .count();
     for r in &seen {
         if r.sni.as_deref() == Some(DASHSCOPE) {
-            assert_call(r, DASHSCOPE, DASHSCOPE_PATH, "qwen1.5-72b-chat", KEY_DASHSCOPE);
+            assert_call(
+                r,
+                DASHSCOPE,
+                DASHSCOPE_PATH,
+                "qwen1.5-72b-chat",
+                KEY_DASHSCOPE,
+            );
         } else {
             assert_call(r, MOONSHOT, MOONSHOT_PATH, "moonshot-v1-8k", KEY_MOONSHOT);
         }
     }
     // Binomial(200, 0.5): outside 70..=130 with a probability below 1e-5.
-    assert!((70..=130).contains(&dashscope), "{dashscope} of 200 to DashScope");
+    assert!(
+        (70..=130).contains(&dashscope),
+        "{dashscope} of 200 to DashScope"
+    );
 
     // Streaming stays unbuffered: the events arrive as the provider sends them.
     mock.clear();
@@ -179,12 +209,25 @@ async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
 
     // Seed 000 on the gateway: test.com reaches DashScope as qwen-1.8b-chat, stream false.
     mock.clear();
-    let resp = send(mesh.gateway, &Req::chat("test.com", "{\"messages\": [{\"role\": \"user\", \"content\": \"请介绍你自己\"}]}")).await;
+    let resp = send(
+        mesh.gateway,
+        &Req::chat(
+            "test.com",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"请介绍你自己\"}]}",
+        ),
+    )
+    .await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.json()["model"], "qwen-1.8b-chat");
     let seen = mock.requests();
     assert_eq!(seen.len(), 1);
-    assert_call(&seen[0], DASHSCOPE, DASHSCOPE_PATH, "qwen-1.8b-chat", KEY_GATEWAY);
+    assert_call(
+        &seen[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-1.8b-chat",
+        KEY_GATEWAY,
+    );
     assert_eq!(seen[0].json().unwrap()["stream"], false);
 
     // The seed's AuthorizationPolicy: the denied client gets Istio's 403 and nothing reaches a
@@ -201,7 +244,9 @@ async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
          Content-Length: {}\r\nConnection: close\r\n\r\n{SEED_BODY}",
         SEED_BODY.len()
     );
-    let answer = String::from_utf8_lossy(&send_raw(mesh.gateway, Some(DENIED), raw.as_bytes()).await).to_string();
+    let answer =
+        String::from_utf8_lossy(&send_raw(mesh.gateway, Some(DENIED), raw.as_bytes()).await)
+            .to_string();
     assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
     assert!(answer.ends_with("RBAC: access denied"), "{answer}");
     assert!(mock.all_requests().is_empty(), "{:#?}", mock.all_requests());
@@ -219,16 +264,31 @@ async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
     );
     let filters = http_filters(&mesh, Proxy::Gateway, mesh.gateway.port());
     let position = |name: &str| filters.iter().position(|(n, _)| n == name);
-    let llm = filters.iter().position(|(n, ecds)| *ecds && n.contains("llm-filter")).unwrap_or_else(|| panic!("{filters:?}"));
-    assert!(position("envoy.filters.http.rbac").unwrap() < llm, "{filters:?}");
-    assert_eq!(filters.last().unwrap().0, "envoy.filters.http.router", "{filters:?}");
+    let llm = filters
+        .iter()
+        .position(|(n, ecds)| *ecds && n.contains("llm-filter"))
+        .unwrap_or_else(|| panic!("{filters:?}"));
+    assert!(
+        position("envoy.filters.http.rbac").unwrap() < llm,
+        "{filters:?}"
+    );
+    assert_eq!(
+        filters.last().unwrap().0,
+        "envoy.filters.http.router",
+        "{filters:?}"
+    );
     assert_ecds_filter(
         &mesh,
         Proxy::Sidecar,
         "extensions.istio.io/trafficextension/default.llm-filter~istio-translated-wasmplugin",
     );
     let filters = http_filters(&mesh, Proxy::Sidecar, 80);
-    assert!(filters.iter().any(|(n, ecds)| *ecds && n.contains("default.llm-filter")), "{filters:?}");
+    assert!(
+        filters
+            .iter()
+            .any(|(n, ecds)| *ecds && n.contains("default.llm-filter")),
+        "{filters:?}"
+    );
     mesh.assert_no_wasm_failures();
 }
 
@@ -285,7 +345,9 @@ async fn a_gateway_requires_a_jwt_before_the_filter_runs() {
     assert_eq!(resp.status, 403, "{}", resp.text());
     assert_eq!(resp.text(), "RBAC: access denied");
     // A token signed by another key, or for another audience: refused by the JWT filter.
-    let forged = jwt::sign(&jwt::claims("alice")).replace('.', ".x").replacen(".x", ".", 1);
+    let forged = jwt::sign(&jwt::claims("alice"))
+        .replace('.', ".x")
+        .replacen(".x", ".", 1);
     let resp = send(
         mesh.gateway,
         &Req::chat("test.com", SEED_BODY).header("authorization", &format!("Bearer {forged}")),
@@ -300,7 +362,12 @@ async fn a_gateway_requires_a_jwt_before_the_filter_runs() {
             .header("authorization", &format!("Bearer {}", jwt::sign(&claims))),
     )
     .await;
-    assert!(matches!(resp.status, 401 | 403), "{} {}", resp.status, resp.text());
+    assert!(
+        matches!(resp.status, 401 | 403),
+        "{} {}",
+        resp.status,
+        resp.text()
+    );
     assert!(mock.all_requests().is_empty(), "{:#?}", mock.all_requests());
 
     // A valid token: the provider gets its own key only, never the client's JWT.
@@ -310,9 +377,18 @@ async fn a_gateway_requires_a_jwt_before_the_filter_runs() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     let seen = mock.requests();
     assert_eq!(seen.len(), 1);
-    assert_call(&seen[0], DASHSCOPE, DASHSCOPE_PATH, "qwen-1.8b-chat", KEY_GATEWAY);
+    assert_call(
+        &seen[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-1.8b-chat",
+        KEY_GATEWAY,
+    );
     assert!(
-        !seen[0].headers.iter().any(|(_, v)| String::from_utf8_lossy(v).contains(&token)),
+        !seen[0]
+            .headers
+            .iter()
+            .any(|(_, v)| String::from_utf8_lossy(v).contains(&token)),
         "the JWT reached the provider"
     );
     mesh.assert_no_wasm_failures();
@@ -322,7 +398,9 @@ const KEY_A: &str = "sk-istio-dashscope";
 const KEY_B: &str = "sk-istio-moonshot";
 
 /// Manifests that need the EnvoyFilter forms: fallback (a sidecar route and a gateway route)
-/// and routing on the request's model.
+/// and routing on the request's model. The gateway route's host is longer than its provider's:
+/// istiod then names the gateway's one virtual host for both (it collapses hosts with the same
+/// routes, the longest first) after the route host, not the provider's.
 const FALLBACK_MANIFESTS: &str = "\
 apiVersion: istio.alibabacloud.com/v1beta1
 kind: LLMProvider
@@ -360,7 +438,7 @@ apiVersion: istio.alibabacloud.com/v1beta1
 kind: LLMRoute
 metadata: {name: edge-route, namespace: default}
 spec:
-  host: edge.example.com
+  host: assistants.chat.example.com
   gateways: [istio-system/ingress-gw]
   rules:
   - backendRefs:
@@ -406,7 +484,11 @@ async fn falls_back(
     }
     let resp = send(mesh.addr(proxy), &Req::chat(host, SEED_BODY)).await;
     assert_eq!(resp.status, 200, "{} {host}: {}", proxy.name(), resp.text());
-    assert!(resp.text().contains("mock of api.moonshot.cn"), "{}", resp.text());
+    assert!(
+        resp.text().contains("mock of api.moonshot.cn"),
+        "{}",
+        resp.text()
+    );
     if let Some(dash) = dash {
         let tried = dash.requests();
         assert_eq!(tried.len(), 1, "{tried:#?}");
@@ -415,10 +497,7 @@ async fn falls_back(
     let answered = moon.requests();
     assert_eq!(answered.len(), 1, "{answered:#?}");
     assert_moonshot_attempt(&answered[0]);
-    mesh.assert_logged(
-        proxy,
-        &format!("cluster={cluster} upstream="),
-    );
+    mesh.assert_logged(proxy, &format!("cluster={cluster} upstream="));
     mesh.assert_logged(proxy, "provider=moonshot attempts=dashscope-qwen,moonshot");
 }
 
@@ -441,9 +520,24 @@ async fn fallback_and_model_routing_work_in_their_envoy_filter_forms() {
             fixed_for_sni: vec![fallback::fail(DASHSCOPE, status, "dashscope is down")],
             ..Behavior::default()
         });
-        falls_back(&mesh, Proxy::Sidecar, "test.com", Some(&dash), &moon, sidecar_cluster).await;
-        falls_back(&mesh, Proxy::Gateway, "edge.example.com", Some(&dash), &moon, gateway_cluster)
-            .await;
+        falls_back(
+            &mesh,
+            Proxy::Sidecar,
+            "test.com",
+            Some(&dash),
+            &moon,
+            sidecar_cluster,
+        )
+        .await;
+        falls_back(
+            &mesh,
+            Proxy::Gateway,
+            "assistants.chat.example.com",
+            Some(&dash),
+            &moon,
+            gateway_cluster,
+        )
+        .await;
     }
     dash.set_behavior(Behavior::default());
 
@@ -462,16 +556,44 @@ async fn fallback_and_model_routing_work_in_their_envoy_filter_forms() {
     let resp = send(mesh.sidecar, &Req::chat("models.example.com", body)).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(moon.requests().len(), 1);
-    assert_call(&moon.requests()[0], MOONSHOT, MOONSHOT_PATH, "moonshot-v1-8k", KEY_B);
+    assert_call(
+        &moon.requests()[0],
+        MOONSHOT,
+        MOONSHOT_PATH,
+        "moonshot-v1-8k",
+        KEY_B,
+    );
     let resp = send(mesh.sidecar, &Req::chat("models.example.com", SEED_BODY)).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(dash.requests().len(), 1);
-    assert_call(&dash.requests()[0], DASHSCOPE, DASHSCOPE_PATH, "qwen-turbo", KEY_A);
+    assert_call(
+        &dash.requests()[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-turbo",
+        KEY_A,
+    );
 
     // DashScope refuses connections: both proxies fall back.
     drop(dash);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    falls_back(&mesh, Proxy::Sidecar, "test.com", None, &moon, sidecar_cluster).await;
-    falls_back(&mesh, Proxy::Gateway, "edge.example.com", None, &moon, gateway_cluster).await;
+    falls_back(
+        &mesh,
+        Proxy::Sidecar,
+        "test.com",
+        None,
+        &moon,
+        sidecar_cluster,
+    )
+    .await;
+    falls_back(
+        &mesh,
+        Proxy::Gateway,
+        "assistants.chat.example.com",
+        None,
+        &moon,
+        gateway_cluster,
+    )
+    .await;
     mesh.assert_no_wasm_failures();
 }

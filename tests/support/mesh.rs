@@ -162,11 +162,14 @@ impl Mesh {
 
     fn dump_logs(&self) {
         for name in ["istiod", "sidecar", "gateway", "mocks/mock"] {
-            let log = std::fs::read_to_string(self.work.join(format!("{name}.log")))
-                .unwrap_or_default();
+            let log =
+                std::fs::read_to_string(self.work.join(format!("{name}.log"))).unwrap_or_default();
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(60)..].join("\n");
-            eprintln!("===== {name}.log (last 60 lines, {}) =====\n{tail}", self.work.display());
+            eprintln!(
+                "===== {name}.log (last 60 lines, {}) =====\n{tail}",
+                self.work.display()
+            );
         }
     }
 }
@@ -203,8 +206,8 @@ impl MeshBuilder {
     /// A shipped manifest file (`envoy/manifests/<name>`).
     pub fn shipped_manifests(self, name: &str) -> MeshBuilder {
         let path = repo().join("envoy/manifests").join(name);
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         self.manifests(&text)
     }
 
@@ -217,8 +220,8 @@ impl MeshBuilder {
     /// A shipped Istio file (`istio/<name>`).
     pub fn shipped_istio(self, name: &str) -> MeshBuilder {
         let path = repo().join("istio").join(name);
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         self.istio(&text)
     }
 
@@ -230,7 +233,8 @@ impl MeshBuilder {
 
     /// `scripts/mesh.sh up`; panics with its output if it fails.
     pub fn up(self) -> Mesh {
-        self.try_up().unwrap_or_else(|e| panic!("scripts/mesh.sh up failed:\n{e}"))
+        self.try_up()
+            .unwrap_or_else(|e| panic!("scripts/mesh.sh up failed:\n{e}"))
     }
 
     /// `scripts/mesh.sh up`; Err with its stderr if it exits non-zero.
@@ -275,12 +279,21 @@ impl MeshBuilder {
         }
         let lines: Vec<(&str, &str)> = stdout
             .lines()
-            .map(|l| l.split_once('=').unwrap_or_else(|| panic!("not key=value: {l:?}")))
+            .map(|l| {
+                l.split_once('=')
+                    .unwrap_or_else(|| panic!("not key=value: {l:?}"))
+            })
             .collect();
         let keys: Vec<&str> = lines.iter().map(|(k, _)| *k).collect();
         assert_eq!(
             keys,
-            ["sidecar", "gateway", "sidecar_admin", "gateway_admin", "xds"],
+            [
+                "sidecar",
+                "gateway",
+                "sidecar_admin",
+                "gateway_admin",
+                "xds"
+            ],
             "scripts/mesh.sh up printed:\n{stdout}"
         );
         let addr = |i: usize| -> SocketAddr {

@@ -315,7 +315,8 @@ struct FallbackParts {
     /// Per (rule with fallback, backendRef): the aggregate cluster with the upstream part.
     aggregates: Vec<Value>,
     /// Per (rule with fallback, backendRef): the `:authority` the filter sends to that
-    /// backend (its virtual host is `<authority>:80`) and the header-matched retry route.
+    /// backend (the virtual host serving that domain gets the route) and the header-matched
+    /// retry route.
     routes: Vec<(String, Value)>,
     /// One line per fallback, for the comment.
     summary: Vec<String>,
@@ -407,9 +408,12 @@ fn fallback_parts(config: &FilterConfig) -> Result<Option<FallbackParts>, String
 
 /// The EnvoyFilter that makes fallback work on the proxies of `selection` (sidecars' outbound
 /// traffic and gateways): CLUSTER ADD of the provider and aggregate clusters, and HTTP_ROUTE
-/// INSERT_FIRST of each retry route into the virtual host Istio names `<authority>:80` (a
-/// sidecar's route configuration `80`, from the provider's ServiceEntry or the route's
-/// VirtualService; a gateway's server on port 80, from the route's VirtualService).
+/// INSERT_FIRST of each retry route into the virtual host that serves the rewritten authority
+/// (a sidecar's route configuration `80`, from the provider's ServiceEntry or the route's
+/// VirtualService; a gateway's server on port 80, from the route's VirtualService). The virtual
+/// host is matched by domain, not by name: istiod names it `<host>:<port>` after one of its
+/// hosts, and on a gateway the route's VirtualService serves the route host and the provider's
+/// in one virtual host, named after the longer of them.
 fn fallback_envoy_filter(
     parts: &FallbackParts,
     name: &str,
@@ -426,9 +430,10 @@ fn fallback_envoy_filter(
             }));
         }
         for (authority, route) in &parts.routes {
-            let vhost = json!({ "name": format!("{authority}:{PROVIDER_PORT}") });
-            // A sidecar names its route configuration by port; a gateway's carries the
-            // server's port in the virtual host name already.
+            let vhost = json!({ "domainName": authority });
+            // A sidecar names its route configuration by port; a gateway's is named after the
+            // port it listens on (the Gateway server's port, or the gateway Service's
+            // targetPort for it), which the manifests do not tell.
             let route_configuration = if context == "GATEWAY" {
                 json!({ "vhost": vhost })
             } else {
@@ -457,11 +462,10 @@ fn fallback_envoy_filter(
              llm-fallback|<namespace>.<route>.<rule>|<host> of those clusters in the order tried."
         ),
         format!(
-            "HTTP_ROUTE INSERT_FIRST: in virtual host <authority>:{PROVIDER_PORT} (sidecars: \
-             route configuration {PROVIDER_PORT}; gateways: a Gateway server on port \
-             {PROVIDER_PORT}, change the name for another port), requests the filter marked with \
-             x-llm-fallback go to the aggregate cluster with a retry policy that moves one \
-             provider on per failure."
+            "HTTP_ROUTE INSERT_FIRST: in the virtual host serving <authority> (matched by \
+             domain: sidecars' route configuration {PROVIDER_PORT}, gateways' every server), \
+             requests the filter marked with x-llm-fallback go to the aggregate cluster with a \
+             retry policy that moves one provider on per failure."
         ),
     ];
     comments.extend(parts.summary.iter().cloned());
@@ -1394,10 +1398,11 @@ spec:
             .collect();
         let sidecar = &route_patches[0]["match"]["routeConfiguration"];
         assert_eq!(sidecar["portNumber"], 80);
-        assert_eq!(sidecar["vhost"]["name"], "a.example:80");
+        assert_eq!(sidecar["vhost"]["domainName"], "a.example");
+        assert!(sidecar["vhost"].get("name").is_none());
         let gateway = &route_patches[1]["match"]["routeConfiguration"];
         assert!(gateway.get("portNumber").is_none());
-        assert_eq!(gateway["vhost"]["name"], "a.example:80");
+        assert_eq!(gateway["vhost"]["domainName"], "a.example");
         let route = &route_patches[0]["patch"]["value"];
         assert_eq!(route["match"]["headers"][0]["name"], "x-llm-fallback");
         assert_eq!(
@@ -1469,8 +1474,8 @@ spec:
             .filter(|p| p["applyTo"] == "HTTP_ROUTE")
         {
             assert_eq!(
-                patch["match"]["routeConfiguration"]["vhost"]["name"],
-                "alias.example:80"
+                patch["match"]["routeConfiguration"]["vhost"]["domainName"],
+                "alias.example"
             );
         }
         // Its mesh VirtualService gives the sidecars that virtual host.
@@ -1531,12 +1536,12 @@ spec:
             .into_iter()
             .filter(|p| p["applyTo"] == "HTTP_ROUTE" && p["match"]["context"] == "GATEWAY")
             .map(|p| {
-                p["match"]["routeConfiguration"]["vhost"]["name"]
+                p["match"]["routeConfiguration"]["vhost"]["domainName"]
                     .as_str()
                     .unwrap()
             })
             .collect();
-        assert_eq!(vhosts, ["a.example:80", "c.example:80"]);
+        assert_eq!(vhosts, ["a.example", "c.example"]);
         assert_eq!(
             filters[1]["spec"]["configPatches"],
             filters[3]["spec"]["configPatches"]
