@@ -597,3 +597,176 @@ async fn fallback_and_model_routing_work_in_their_envoy_filter_forms() {
     .await;
     mesh.assert_no_wasm_failures();
 }
+
+/// Providers of seed 001 and one route for demo-llm-server to `provider`.
+fn reload_manifests(provider: &str) -> String {
+    format!(
+        "apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {{name: dashscope-qwen, namespace: default}}
+spec:
+  host: dashscope.aliyuncs.com
+  path: /compatible-mode/v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig: {{model: qwen-turbo, apiKey: sk-istio-dashscope}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {{name: moonshot, namespace: default}}
+spec:
+  host: api.moonshot.cn
+  path: /v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig: {{model: moonshot-v1-8k, apiKey: sk-istio-moonshot}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {{name: demo-llm-server, namespace: default}}
+spec:
+  host: demo-llm-server
+  rules:
+  - backendRefs:
+    - providerHost: {provider}
+"
+    )
+}
+
+/// A VirtualService of the user's own, unrelated to the filter; `attempts` -1 is invalid.
+fn spare_virtual_service(attempts: i32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: spare, namespace: default}}
+spec:
+  hosts: [spare.example.com]
+  http:
+  - route:
+    - destination: {{host: spare.example.com}}
+    retries: {{attempts: {attempts}}}
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_route_goes_out_over_ecds_under_load_and_an_invalid_change_does_not() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    mock.set_recording(false);
+    let mesh = Mesh::builder("reload")
+        .manifests(&reload_manifests(DASHSCOPE))
+        .shipped_istio("demo-llm-server.yaml")
+        .istio(&spare_virtual_service(2))
+        .provider(DASHSCOPE, mock.addr())
+        .provider(MOONSHOT, mock.addr())
+        .up();
+    let ecds_reloads = "extension_config_discovery.http_filter.extensions.istio.io/\
+                        trafficextension/default.llm-filter~istio-translated-wasmplugin.config_reload";
+    let reloads_before = mesh.stat(Proxy::Sidecar, ecds_reloads).unwrap();
+
+    // Clients keep sending (4 at a time, bounded by count and time) while the change goes out.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers: Arc<Mutex<Vec<(u16, String)>>> = Arc::default();
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, answers, addr) = (stop.clone(), answers.clone(), mesh.sidecar);
+        clients.push(tokio::spawn(async move {
+            for _ in 0..5000 {
+                if stop.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(90) {
+                    break;
+                }
+                let resp = send(addr, &Req::chat("demo-llm-server", SEED_BODY)).await;
+                let model = if resp.status == 200 {
+                    resp.json()["model"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                } else {
+                    resp.text()
+                };
+                answers.lock().unwrap().push((resp.status, model));
+            }
+        }));
+    }
+    let wait_for = |n: usize| {
+        let answers = answers.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while answers.lock().unwrap().len() < n {
+                assert!(std::time::Instant::now() < deadline, "clients stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(40).await;
+
+    // Re-render the changed LLMRoute and push it: Moonshot takes over, through ECDS.
+    std::fs::write(&mesh.manifests[0], reload_manifests(MOONSHOT)).unwrap();
+    let pushed = mesh
+        .reload()
+        .unwrap_or_else(|e| panic!("reload refused: {e}"));
+    assert!(pushed.contains("updated"), "{pushed}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let switched_at = loop {
+        let seen = answers.lock().unwrap().clone();
+        if let Some(i) = seen.iter().position(|(_, m)| m == "moonshot-v1-8k") {
+            break i;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new rule never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(mesh.stat(Proxy::Sidecar, ecds_reloads).unwrap() > reloads_before);
+    let settled = answers.lock().unwrap().len() + 8;
+    wait_for(settled + 40).await;
+
+    // Invalid changes are refused, naming the object, and the old configuration keeps serving:
+    // one Istio's validation refuses, one the filter refuses at render time.
+    std::fs::write(&mesh.istio[1], spare_virtual_service(-1)).unwrap();
+    let refused = mesh.reload().unwrap_err();
+    assert!(
+        refused.contains("VirtualService default/spare: attempts cannot be negative"),
+        "{refused}"
+    );
+    std::fs::write(&mesh.istio[1], spare_virtual_service(2)).unwrap();
+    std::fs::write(&mesh.manifests[0], reload_manifests("nowhere.example.com")).unwrap();
+    let refused = mesh.reload().unwrap_err();
+    assert!(
+        refused.contains("LLMRoute default/demo-llm-server"),
+        "{refused}"
+    );
+    let after_refusals = answers.lock().unwrap().len();
+    wait_for(after_refusals + 40).await;
+
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let seen = answers.lock().unwrap().clone();
+    let failed: Vec<&(u16, String)> = seen.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        seen.len()
+    );
+    assert!(
+        seen[..switched_at].iter().all(|(_, m)| m == "qwen-turbo"),
+        "{seen:?}"
+    );
+    // After the switch settled (requests in flight during the push may still be DashScope's),
+    // Moonshot answers everything, through both refused changes.
+    assert!(
+        seen[settled..].iter().all(|(_, m)| m == "moonshot-v1-8k"),
+        "{:?}",
+        &seen[settled..]
+    );
+    assert!(mock.received() >= seen.len());
+    mesh.assert_no_wasm_failures();
+}

@@ -73,8 +73,12 @@ func (e *endpointOverride) GenerateDeltas(proxy *model.Proxy, req *model.PushReq
 }
 
 // rewrite returns copies of the clusters that name an overridden host; the others as they are
-// (istiod caches the originals).
+// (istiod caches the originals). nil stays nil: it means "nothing to push", while an empty list
+// is a full state of no clusters.
 func (e *endpointOverride) rewrite(in model.Resources) (model.Resources, error) {
+	if in == nil {
+		return nil, nil
+	}
 	out := make(model.Resources, 0, len(in))
 	for _, r := range in {
 		c := &clusterv3.Cluster{}
