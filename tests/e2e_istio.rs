@@ -511,6 +511,17 @@ async fn fallback_and_model_routing_work_in_their_envoy_filter_forms() {
         .provider(DASHSCOPE, dash.addr())
         .provider(MOONSHOT, moon.addr())
         .up();
+    // The EnvoyFilter form's filter sits just before the router, on both proxies.
+    for (proxy, port) in [(Proxy::Sidecar, 80), (Proxy::Gateway, mesh.gateway.port())] {
+        let filters = http_filters(&mesh, proxy, port);
+        let names: Vec<&str> = filters.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names[names.len() - 2..],
+            ["llm-filter", "envoy.filters.http.router"],
+            "{}: {names:?}",
+            proxy.name()
+        );
+    }
     let sidecar_cluster = "llm-fallback|default.ha-route.0|dashscope.aliyuncs.com";
     let gateway_cluster = "llm-fallback|default.edge-route.0|dashscope.aliyuncs.com";
 
