@@ -48,6 +48,8 @@
 # /etc/ssl/certs/ca-certificates.crt. Provider hosts reach --provider addresses
 # through the discovery server's --endpoint override (see tests/istiod/endpoints.go).
 #
+# The seeds' key variables (DASHSCOPE_API_KEY, DASHSCOPE_VIP_API_KEY, MOONSHOT_API_KEY,
+# DASHSCOPE_GATEWAY_API_KEY) default to the demo keys of scripts/render-configs.sh.
 # LLM_FILTER_WASM, LLM_FILTER_BIN and LLM_ISTIOD name prebuilt files (the release .wasm, the
 # llm-filter CLI, the discovery server) instead of building them.
 # shellcheck source=scripts/lib.sh
@@ -56,7 +58,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # Our five lines go to the real stdout (fd 3); every log line to stderr.
 exec 3>&1 1>&2
 
-usage() { sed -n '2,54s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,55s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 # The module path the EnvoyFilter form loads (src/bin/llm-filter/istio.rs MOUNTED_WASM).
 MOUNTED_WASM=/var/local/lib/wasm/llm_filter.wasm
