@@ -58,7 +58,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # Our five lines go to the real stdout (fd 3); every log line to stderr.
 exec 3>&1 1>&2
 
-usage() { sed -n '2,55s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,54s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 # The module path the EnvoyFilter form loads (src/bin/llm-filter/istio.rs MOUNTED_WASM).
 MOUNTED_WASM=/var/local/lib/wasm/llm_filter.wasm
