@@ -781,3 +781,52 @@ async fn a_changed_route_goes_out_over_ecds_under_load_and_an_invalid_change_doe
     assert!(mock.received() >= seen.len());
     mesh.assert_no_wasm_failures();
 }
+
+#[test]
+fn mesh_up_fails_naming_what_istio_or_a_proxy_refused() {
+    // Istio's validation refuses an object: nothing starts, the object and reason are named.
+    let refused = Mesh::builder("invalid")
+        .shipped_manifests("gateway.yaml")
+        .istio(&spare_virtual_service(-1))
+        .try_up()
+        .err()
+        .expect("an invalid VirtualService must stop scripts/mesh.sh up");
+    assert!(
+        refused.contains("VirtualService default/spare: attempts cannot be negative"),
+        "{refused}"
+    );
+
+    // istiod accepts it but Envoy rejects it: a cluster Envoy cannot build.
+    let bad_cluster = "apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: bad-cluster, namespace: istio-system}
+spec:
+  configPatches:
+  - applyTo: CLUSTER
+    match: {context: GATEWAY}
+    patch:
+      operation: ADD
+      value:
+        name: bad
+        type: STATIC
+        connect_timeout: 1s
+        load_assignment:
+          cluster_name: bad
+          endpoints:
+          - lb_endpoints:
+            - endpoint: {address: {socket_address: {address: not-an-ip, port_value: 80}}}
+";
+    let refused = Mesh::builder("rejected")
+        .shipped_manifests("gateway.yaml")
+        .shipped_istio("ingress-gw.yaml")
+        .istio(bad_cluster)
+        .provider(DASHSCOPE, "127.0.0.1:9".parse().unwrap())
+        .try_up()
+        .err()
+        .expect("a cluster the gateway rejects must stop scripts/mesh.sh up");
+    assert!(
+        refused.contains("gateway: rejected a cluster update"),
+        "{refused}"
+    );
+    assert!(refused.contains("not-an-ip"), "{refused}");
+}
