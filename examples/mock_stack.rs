@@ -8,8 +8,10 @@
 //!
 //! Flags:
 //! - `--out DIR` (required): where the files below go (created if missing).
-//! - `--config FILE=PORT` (one or more): a shipped Envoy config and the listener port for it.
-//!   The admin interface goes on PORT+1000.
+//! - `--config FILE=PORT` (any number): a shipped Envoy config and the listener port for it.
+//!   The admin interface goes on PORT+1000. Without one, only the mocks run (what
+//!   `scripts/mesh.sh` uses: its proxies get their configuration from the discovery server).
+//! - `--host NAME` (any number): another provider host for the mock's certificate.
 //! - `--wasm PATH`: the filter to load (default: the absolute path of
 //!   `target/wasm32-wasip1/release/llm_filter.wasm`, honouring `CARGO_TARGET_DIR`).
 //! - `--provider-port N`, `--local-port N`: fixed ports for the mocks (default: any free port).
@@ -23,7 +25,8 @@
 //!   environment-specific fields changed (listener on 127.0.0.1:PORT, admin on
 //!   127.0.0.1:PORT+1000, provider clusters pointed at the mock and verified with `ca.pem`,
 //!   absolute wasm path, `local-service` at the plain mock). Run Envoy on it as usual.
-//! - writes `DIR/ready` once serving (and removes it on exit);
+//! - writes `DIR/ready` once serving, holding the provider mock's address (and removes it on
+//!   exit);
 //! - prints one JSON line per request the mocks receive to stdout (mock, tls, sni, host,
 //!   method, path, model, stream, authorization redacted to its last 4 characters, bytes),
 //!   and nothing else to stdout or stderr after `ready`;
@@ -67,13 +70,14 @@ mod host {
     struct Args {
         out: PathBuf,
         configs: Vec<(PathBuf, u16)>,
+        hosts: Vec<String>,
         wasm: PathBuf,
         provider_port: u16,
         local_port: u16,
     }
 
     fn usage() -> &'static str {
-        "usage: mock_stack --out DIR --config FILE=PORT [--config FILE=PORT ...] \
+        "usage: mock_stack --out DIR [--config FILE=PORT ...] [--host NAME ...] \
          [--wasm PATH] [--provider-port N] [--local-port N]"
     }
 
@@ -98,6 +102,7 @@ mod host {
     fn parse_args() -> Result<Args, String> {
         let mut out = None;
         let mut configs = Vec::new();
+        let mut hosts = Vec::new();
         let mut wasm = None;
         let mut provider_port = 0;
         let mut local_port = 0;
@@ -124,6 +129,7 @@ mod host {
                     }
                     configs.push((PathBuf::from(file), port));
                 }
+                "--host" => hosts.push(value),
                 "--wasm" => wasm = Some(PathBuf::from(value)),
                 "--provider-port" => provider_port = parse_port(&value, &flag)?,
                 "--local-port" => local_port = parse_port(&value, &flag)?,
@@ -131,9 +137,6 @@ mod host {
             }
         }
         let out = out.ok_or_else(|| format!("--out is required\n{}", usage()))?;
-        if configs.is_empty() {
-            return Err(format!("at least one --config is required\n{}", usage()));
-        }
         let wasm = wasm.unwrap_or_else(default_wasm);
         let wasm = if wasm.is_absolute() {
             wasm
@@ -145,6 +148,7 @@ mod host {
         Ok(Args {
             out,
             configs,
+            hosts,
             wasm,
             provider_port,
             local_port,
@@ -173,7 +177,7 @@ mod host {
         let args = parse_args()?;
         std::fs::create_dir_all(&args.out)
             .map_err(|e| format!("mkdir {}: {e}", args.out.display()))?;
-        if !args.wasm.is_file() {
+        if !args.configs.is_empty() && !args.wasm.is_file() {
             eprintln!(
                 "mock_stack: warning: {} does not exist yet (build it with \
                  `cargo build --release --lib --target wasm32-wasip1`)",
@@ -183,6 +187,11 @@ mod host {
 
         let mut docs = Vec::new();
         let mut hosts: Vec<String> = mock::PROVIDER_HOSTS.iter().map(|h| h.to_string()).collect();
+        for host in &args.hosts {
+            if !hosts.contains(host) {
+                hosts.push(host.clone());
+            }
+        }
         for (file, port) in &args.configs {
             let doc = patch::load(file)?;
             for sni in patch::provider_snis(&doc) {

@@ -8,6 +8,9 @@
 # each request and answer.
 #
 #   scripts/demo.sh                 run the demo, stop everything it started
+#   scripts/demo.sh --istio         the same requests through a local Istio mesh instead
+#                                   (scripts/mesh.sh: istiod's translation of `render istio`'s
+#                                   output, a real Envoy sidecar and ingress gateway)
 #   scripts/demo.sh --keep-running  leave the stack up afterwards and print how to call it
 #   scripts/demo.sh --stop          stop a stack left running by --keep-running
 #
@@ -26,7 +29,7 @@ KEEP_RUNNING=0
 STACK_UP=0
 PIDS=()
 
-usage() { sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 # Stop the processes recorded in $PIDS_FILE (each started with setsid: pid = process group),
 # after checking that the pid still is one of ours (a stale file may name a reused pid).
@@ -48,22 +51,27 @@ stop_recorded() {
     rm -f "$PIDS_FILE"
 }
 
-case "${1:-}" in
-"") ;;
---keep-running) KEEP_RUNNING=1 ;;
---stop)
-    stop_recorded
-    exit 0
-    ;;
--h | --help)
-    usage
-    exit 0
-    ;;
-*)
-    usage >&2
-    exit 2
-    ;;
-esac
+ISTIO=0
+MESH_WORK="$WORK_DIR/demo-mesh"
+for arg in "$@"; do
+    case $arg in
+    --istio) ISTIO=1 ;;
+    --keep-running) KEEP_RUNNING=1 ;;
+    --stop)
+        stop_recorded
+        [ ! -d "$MESH_WORK" ] || bash scripts/mesh.sh down --work "$MESH_WORK"
+        exit 0
+        ;;
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    *)
+        usage >&2
+        exit 2
+        ;;
+    esac
+done
 
 cleanup() {
     local rc=$?
@@ -73,6 +81,7 @@ cleanup() {
         exit "$rc"
     fi
     stop_recorded
+    [ "$ISTIO" = 0 ] || bash scripts/mesh.sh down --work "$MESH_WORK" >/dev/null 2>&1
     exit "$rc"
 }
 trap cleanup EXIT
@@ -121,50 +130,68 @@ show_log_on_failure() {
 # ---------------------------------------------------------------------------------------------
 header "setup"
 stop_recorded # a stack left by an earlier --keep-running
-for p in $MESH_PORT $GATEWAY_PORT $((MESH_PORT + 1000)) $((GATEWAY_PORT + 1000)); do
-    port_busy "$p" && die "port $p is in use (a stack from 'scripts/demo.sh --keep-running'? stop it with scripts/demo.sh --stop)"
-done
-ensure_toolchain
-ensure_envoy
 ensure_cmd curl curl
 ensure_cmd python3 python3
+if [ "$ISTIO" = 1 ]; then
+    header "start the local Istio mesh (scripts/mesh.sh up)"
+    mkdir -p "$DEMO_DIR"
+    # Seed 000, step 5, with the address this demo's denied client uses.
+    sed 's/203\.0\.113\.7/127.0.0.2/' istio/authorization-policy.yaml >"$DEMO_DIR/authorization-policy.yaml"
+    MESH_OUT=$(bash scripts/mesh.sh up --work "$MESH_WORK" --istio istio/ingress-gw.yaml \
+        --istio istio/demo-llm-server.yaml --istio "$DEMO_DIR/authorization-policy.yaml") ||
+        die "scripts/mesh.sh up failed (above)"
+    printf '%s\n' "$MESH_OUT"
+    MESH="http://$(sed -n 's/^sidecar=//p' <<<"$MESH_OUT")"
+    GATEWAY="http://$(sed -n 's/^gateway=//p' <<<"$MESH_OUT")"
+    MESH_ADMIN="http://$(sed -n 's/^sidecar_admin=//p' <<<"$MESH_OUT")"
+    GATEWAY_ADMIN="http://$(sed -n 's/^gateway_admin=//p' <<<"$MESH_OUT")"
+    MOCK_LOG="$MESH_WORK/mocks/mock.log"
+else
+    for p in $MESH_PORT $GATEWAY_PORT $((MESH_PORT + 1000)) $((GATEWAY_PORT + 1000)); do
+        port_busy "$p" && die "port $p is in use (a stack from 'scripts/demo.sh --keep-running'? stop it with scripts/demo.sh --stop)"
+    done
+    ensure_toolchain
+    ensure_envoy
+    MESH_ADMIN="http://127.0.0.1:$((MESH_PORT + 1000))"
+    GATEWAY_ADMIN="http://127.0.0.1:$((GATEWAY_PORT + 1000))"
 
-header "build"
-build_wasm
-log "cargo build --example mock_stack"
-cargo build --quiet --example mock_stack
+    header "build"
+    build_wasm
+    log "cargo build --example mock_stack"
+    cargo build --quiet --example mock_stack
 
-header "start the stack"
-rm -rf "$DEMO_DIR"
-mkdir -p "$DEMO_DIR"
-MOCK_LOG="$DEMO_DIR/mock.log"
-start "mock providers" "$MOCK_LOG" cargo run --quiet --example mock_stack -- --out "$DEMO_DIR" \
-    --config "envoy/mesh.yaml=$MESH_PORT" --config "envoy/gateway.yaml=$GATEWAY_PORT"
-MOCK_PID=$LAST_PID
-if ! (wait_for "mock providers" "$MOCK_PID" 120 test -f "$DEMO_DIR/ready"); then
-    show_log_on_failure "$MOCK_LOG"
-    exit 1
-fi
-for f in mesh.yaml gateway.yaml; do
-    [ -f "$DEMO_DIR/$f" ] || die "mock_stack did not write $DEMO_DIR/$f"
-done
-
-declare -A ENVOY_PID=()
-for name in mesh gateway; do
-    start "$name Envoy" "$DEMO_DIR/envoy-$name.log" \
-        "$ENVOY" -c "$DEMO_DIR/$name.yaml" --concurrency 1 --use-dynamic-base-id
-    ENVOY_PID[$name]=$LAST_PID
-done
-for name in mesh gateway; do
-    port=$MESH_PORT
-    [ "$name" = gateway ] && port=$GATEWAY_PORT
-    pid=${ENVOY_PID[$name]}
-    if ! (wait_for "$name Envoy" "$pid" 60 curl -fsS "http://127.0.0.1:$((port + 1000))/ready"); then
-        show_log_on_failure "$DEMO_DIR/envoy-$name.log"
+    header "start the stack"
+    rm -rf "$DEMO_DIR"
+    mkdir -p "$DEMO_DIR"
+    MOCK_LOG="$DEMO_DIR/mock.log"
+    start "mock providers" "$MOCK_LOG" cargo run --quiet --example mock_stack -- --out "$DEMO_DIR" \
+        --config "envoy/mesh.yaml=$MESH_PORT" --config "envoy/gateway.yaml=$GATEWAY_PORT"
+    MOCK_PID=$LAST_PID
+    if ! (wait_for "mock providers" "$MOCK_PID" 120 test -f "$DEMO_DIR/ready"); then
+        show_log_on_failure "$MOCK_LOG"
         exit 1
     fi
-    ok "$name Envoy ready on 127.0.0.1:$port"
-done
+    for f in mesh.yaml gateway.yaml; do
+        [ -f "$DEMO_DIR/$f" ] || die "mock_stack did not write $DEMO_DIR/$f"
+    done
+
+    declare -A ENVOY_PID=()
+    for name in mesh gateway; do
+        start "$name Envoy" "$DEMO_DIR/envoy-$name.log" \
+            "$ENVOY" -c "$DEMO_DIR/$name.yaml" --concurrency 1 --use-dynamic-base-id
+        ENVOY_PID[$name]=$LAST_PID
+    done
+    for name in mesh gateway; do
+        port=$MESH_PORT
+        [ "$name" = gateway ] && port=$GATEWAY_PORT
+        pid=${ENVOY_PID[$name]}
+        if ! (wait_for "$name Envoy" "$pid" 60 curl -fsS "http://127.0.0.1:$((port + 1000))/ready"); then
+            show_log_on_failure "$DEMO_DIR/envoy-$name.log"
+            exit 1
+        fi
+        ok "$name Envoy ready on 127.0.0.1:$port"
+    done
+fi
 STACK_UP=1
 
 # ---------------------------------------------------------------------------------------------
@@ -309,19 +336,24 @@ header "result"
 for needle in qwen-turbo moonshot-v1-8k 'RBAC: access denied'; do
     check "the answers contain '$needle'" grep -qF "$needle" "$ANSWERS"
 done
-printf 'logs:\n'; printf '  %s\n' .work/demo/*.log
+printf 'logs:\n'
+if [ "$ISTIO" = 1 ]; then
+    printf '  %s\n' "${MESH_WORK#"$REPO_ROOT"/}"/*.log "${MOCK_LOG#"$REPO_ROOT"/}"
+else
+    printf '  %s\n' .work/demo/*.log
+fi
 
 if [ "$KEEP_RUNNING" = 1 ]; then
     cat <<EOF
 
 The stack is still running (pids in ${PIDS_FILE#"$REPO_ROOT"/}):
-  mesh Envoy     $MESH    admin http://127.0.0.1:$((MESH_PORT + 1000))
-  gateway Envoy  $GATEWAY    admin http://127.0.0.1:$((GATEWAY_PORT + 1000))
+  mesh Envoy     $MESH    admin $MESH_ADMIN
+  gateway Envoy  $GATEWAY    admin $GATEWAY_ADMIN
 Try:
   curl -s $MESH -H 'host: demo-llm-server' -H 'content-type: application/json' --data '$ASK_EN'
   curl -s $MESH -H 'host: dashscope.aliyuncs.com' -H 'user-type: subscriber' --data '$ASK_EN'
   curl -s $GATEWAY -H 'host: test.com' --data '$ASK_ZH'
-  tail -f .work/demo/mock.log     # what the providers receive
+  tail -f ${MOCK_LOG#"$REPO_ROOT"/}     # what the providers receive
 Stop it with: scripts/demo.sh --stop
 EOF
 fi

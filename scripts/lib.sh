@@ -188,3 +188,28 @@ ensure_prometheus() {
     ensure_cmd prometheus prometheus || return 1
     ok "$(prometheus --version 2>&1 | head -n 1)"
 }
+
+# ensure_go: the Go toolchain (tests/istiod/go.mod names the version it needs). The machine's Go
+# is used as it is; Debian's golang-go only if there is none (it may be too old for go.mod).
+ensure_go() {
+    command -v go >/dev/null 2>&1 || apt_install golang-go || return 1
+    ok "$(go version)"
+}
+
+# build_istiod: tests/istiod (istiod's translation code serving ADS, for scripts/mesh.sh) into
+# $ISTIOD. The first build fetches istio.io/istio and its dependencies through the Go module proxy
+# and compiles them (many minutes on 2 cores); Go's module and build caches (`go env GOMODCACHE
+# GOCACHE`) make every later build a few seconds. $LLM_ISTIOD names a prebuilt binary instead.
+ISTIOD="$WORK_DIR/istiod/istiod-local"
+build_istiod() {
+    if [ -n "${LLM_ISTIOD:-}" ]; then
+        [ -x "$LLM_ISTIOD" ] || die "LLM_ISTIOD=$LLM_ISTIOD is not an executable file"
+        ISTIOD=$LLM_ISTIOD
+        return 0
+    fi
+    ensure_go || return 1
+    mkdir -p "$(dirname "$ISTIOD")"
+    local t=$SECONDS
+    (cd "$REPO_ROOT/tests/istiod" && go build -o "$ISTIOD" .) || return 1
+    ok "$ISTIOD ($((SECONDS - t)) s)"
+}

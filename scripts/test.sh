@@ -5,7 +5,8 @@
 #   generated configs being current (render-configs.sh --check), `envoy --mode validate` on
 #   every envoy/*.yaml, and the end-to-end suite (tests/*.rs) against real Envoy.
 # Installs what is missing first (toolchain targets, Envoy, wasm-bindgen-cli, skopeo and umoci
-# for tests/oci.rs, prometheus for tests/e2e_prometheus.rs): see lib.sh.
+# for tests/oci.rs, prometheus for tests/e2e_prometheus.rs, Go for tests/istiod, the discovery
+# server tests/e2e_istio.rs runs through scripts/mesh.sh): see lib.sh.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -62,6 +63,12 @@ validate_envoy_configs() {
     [ "$n" -gt 0 ] || { printf 'no envoy/*.yaml to validate\n' >&2; return 1; }
 }
 
+gofmt_check() {
+    local unformatted
+    unformatted=$(gofmt -l tests/istiod) || return 1
+    [ -z "$unformatted" ] || { printf 'not gofmt-formatted: %s\n' "$unformatted" >&2; return 1; }
+}
+
 e2e_tests() {
     if ! compgen -G 'tests/*.rs' >/dev/null; then
         warn "no tests/*.rs yet: nothing to run"
@@ -82,6 +89,7 @@ ensure_envoy
 ensure_cmd node nodejs
 ensure_oci_tools
 ensure_prometheus
+ensure_go
 
 step "cargo fmt --check" cargo fmt --all --check
 step "clippy (host, all targets)" cargo clippy --all-targets -- -D warnings
@@ -95,6 +103,10 @@ step "release build ($WASM_OUT)" build_wasm
 step "generated configs are current (render-configs.sh --check)" \
     bash scripts/render-configs.sh --check
 step "envoy --mode validate envoy/*.yaml" validate_envoy_configs
+# istiod's translation code (tests/istiod): the first build compiles istio.io/istio (many minutes);
+# Go's caches make later ones seconds. tests/e2e_istio.rs uses this binary (scripts/mesh.sh).
+step "gofmt tests/istiod" gofmt_check
+step "discovery server (tests/istiod, go build)" build_istiod
 step "end-to-end tests (tests/*.rs, real Envoy)" e2e_tests
 
 # Sum libtest's own `test result:` lines (host, wasm runner and e2e binaries alike).

@@ -47,6 +47,21 @@ const RUN_ELSEWHERE: &[(&str, &str, &[&str])] = &[
         "scripts/test.sh",
         &["cargo test --test '*'"],
     ),
+    (
+        "scripts/mesh.sh up",
+        "tests/support/mesh.rs",
+        &["vec![\"up\".into()"],
+    ),
+    (
+        "scripts/mesh.sh reload",
+        "tests/support/mesh.rs",
+        &["mesh_sh(&[\"reload\""],
+    ),
+    (
+        "scripts/mesh.sh down",
+        "tests/support/mesh.rs",
+        &["mesh_sh(&[\"down\""],
+    ),
 ];
 
 /// Words that make a `yaml`/`json` block a manifest block.

@@ -198,3 +198,90 @@ async fn send_inner(addr: SocketAddr, req: &Req) -> Result<Resp, String> {
         body_error,
     })
 }
+
+/// Sends `req` over HTTP/2 with prior knowledge (h2c, as a sidecar's client may), with
+/// `:authority` = `req.host` (any value the h2 encoder takes), from `req.source_ip` if set.
+pub async fn send_h2(addr: SocketAddr, req: &Req) -> Resp {
+    let uri = format!("http://{}{}", req.host, req.path);
+    let headers: Vec<(&str, &str)> = req
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    send_h2_to(addr, req.source_ip, &req.method, &uri, &headers, &req.body).await
+}
+
+/// One HTTP/2 request (h2c) of `method` to `uri` (an absolute URI, or the authority alone for
+/// `CONNECT`) with these headers, from `source` if set; each body chunk with its arrival time.
+pub async fn send_h2_to(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let work = async {
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        if let Some(ip) = source {
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| format!("bind {ip}: {e}"))?;
+        }
+        let stream = socket
+            .connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .map_err(|e| format!("h2 handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut builder = hyper::Request::builder().method(method).uri(uri);
+        for (n, v) in headers {
+            builder = builder.header(*n, *v);
+        }
+        let request = builder
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .map_err(|e| format!("bad request: {e}"))?;
+        let sent = Instant::now();
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let mut body = response.into_body();
+        let (mut chunks, mut all, mut body_error) = (Vec::new(), Vec::new(), None);
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(data) = f.into_data() {
+                        all.extend_from_slice(&data);
+                        chunks.push((sent.elapsed(), data));
+                    }
+                }
+                Err(e) => {
+                    body_error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        Ok::<Resp, String>(Resp {
+            status,
+            headers,
+            body: all,
+            chunks,
+            body_error,
+        })
+    };
+    match tokio::time::timeout(Duration::from_secs(60), work).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("h2 {method} {uri} to {addr} failed: {e}"),
+        Err(_) => panic!("h2 request to {addr}: no complete answer within 60 s"),
+    }
+}

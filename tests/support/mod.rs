@@ -12,6 +12,7 @@ pub mod client;
 pub mod envoy;
 pub mod fallback;
 pub mod jwt;
+pub mod mesh;
 pub mod mock;
 pub mod patch;
 pub mod raw;

@@ -5,8 +5,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::client::Resp;
@@ -160,44 +158,7 @@ pub async fn send_h2_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Resp {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    if let Some(ip) = source {
-        socket.bind(SocketAddr::new(ip, 0)).unwrap();
-    }
-    let stream = socket.connect(addr).await.unwrap();
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut request = hyper::Request::builder().method(method).uri(uri);
-    if let Some(host) = host {
-        request = request.header("host", host);
-    }
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(Full::new(Bytes::copy_from_slice(body)))
-        .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
-        .await
-        .expect("an HTTP/2 answer within 30 s")
-        .unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes().to_vec())
-        .unwrap_or_default();
-    Resp {
-        status,
-        headers,
-        body,
-        chunks: Vec::new(),
-        body_error: None,
-    }
+    let mut all: Vec<(&str, &str)> = host.map(|h| ("host", h)).into_iter().collect();
+    all.extend_from_slice(headers);
+    super::client::send_h2_to(addr, source, method, uri, &all, body).await
 }

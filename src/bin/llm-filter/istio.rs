@@ -316,8 +316,9 @@ struct FallbackParts {
     /// Per (rule with fallback, backendRef): the aggregate cluster with the upstream part.
     aggregates: Vec<Value>,
     /// Per (rule with fallback, backendRef): the `:authority` the filter sends to that
-    /// backend (its virtual host is `<authority>:80`) and the header-matched retry route.
-    routes: Vec<(String, Value)>,
+    /// backend, the names of the gateway virtual hosts that may serve it (see
+    /// [`gateway_vhost_names`]) and the header-matched retry route.
+    routes: Vec<(String, Vec<String>, Value)>,
     /// One line per fallback, for the comment.
     summary: Vec<String>,
 }
@@ -393,9 +394,19 @@ fn fallback_parts(config: &FilterConfig) -> Result<Option<FallbackParts>, String
             &upstream_filter,
             buffer_limit,
         ))?);
-        parts
+        let route = config
             .routes
-            .push((authority.clone(), to_json(envoy::fallback_route(plan))?));
+            .iter()
+            .find(|r| {
+                plan.key
+                    .starts_with(&format!("{}/{}/", r.metadata.namespace(), r.metadata.name))
+            })
+            .ok_or_else(|| format!("render istio: no LLMRoute for fallback {}", plan.key))?;
+        parts.routes.push((
+            authority.clone(),
+            gateway_vhost_names(route, &authority),
+            to_json(envoy::fallback_route(plan))?,
+        ));
         let tried: Vec<String> = plan.clusters.iter().map(|c| host_of(c)).collect();
         parts.summary.push(format!(
             "{}: at {authority}:{PROVIDER_PORT}, cluster {} tries {}.",
@@ -407,11 +418,38 @@ fn fallback_parts(config: &FilterConfig) -> Result<Option<FallbackParts>, String
     Ok(Some(parts))
 }
 
+/// The names istiod gives the gateway virtual host that serves `authority` for `route`, on a
+/// Gateway server on port 80. The route's VirtualService gives the route host and every
+/// rewritten authority the same routes, and istiod collapses hosts with identical routes into
+/// one virtual host named after the most specific of them (the longest; alphabetical among
+/// equals; `pilot/pkg/networking/core/gateway.go`), so that is usually not `<authority>:80`;
+/// without the collapse (`PILOT_ENABLE_ROUTE_COLLAPSE_OPTIMIZATION=false`) each host keeps a
+/// virtual host of its own, `<authority>:80`. Both names are matched: a patch whose virtual host
+/// does not exist changes nothing. (Matching `vhost.domainName` would not depend on the naming,
+/// but needs Istio 1.26.)
+fn gateway_vhost_names(route: &RouteManifest, authority: &str) -> Vec<String> {
+    let mut names = vec![format!("{authority}:{PROVIDER_PORT}")];
+    if route.spec.gateways.is_empty() {
+        // No VirtualService of this route on a gateway: a gateway serves the authority only
+        // through another route's.
+        return names;
+    }
+    let mut hosts = vec![normalize_host(&route.spec.host)];
+    hosts.extend(rewritten_hosts(route).into_iter().map(|(a, _)| a));
+    hosts.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    let collapsed = format!("{}:{PROVIDER_PORT}", hosts[0]);
+    if !names.contains(&collapsed) {
+        names.push(collapsed);
+    }
+    names
+}
+
 /// The EnvoyFilter that makes fallback work on the proxies of `selection` (sidecars' outbound
 /// traffic and gateways): CLUSTER ADD of the provider and aggregate clusters, and HTTP_ROUTE
-/// INSERT_FIRST of each retry route into the virtual host Istio names `<authority>:80` (a
-/// sidecar's route configuration `80`, from the provider's ServiceEntry or the route's
-/// VirtualService; a gateway's server on port 80, from the route's VirtualService).
+/// INSERT_FIRST of each retry route into the virtual host that serves the rewritten authority:
+/// on sidecars `<authority>:80` of the route configuration `80` (from the provider's
+/// ServiceEntry or the route's `-rewrites` VirtualService); on gateways the virtual host of the
+/// route's VirtualService on a Gateway server on port 80 (see [`gateway_vhost_names`]).
 fn fallback_envoy_filter(
     parts: &FallbackParts,
     name: &str,
@@ -427,20 +465,29 @@ fn fallback_envoy_filter(
                 "patch": {"operation": "ADD", "value": cluster},
             }));
         }
-        for (authority, route) in &parts.routes {
-            let vhost = json!({ "name": format!("{authority}:{PROVIDER_PORT}") });
-            // A sidecar names its route configuration by port; a gateway's carries the
-            // server's port in the virtual host name already.
-            let route_configuration = if context == "GATEWAY" {
-                json!({ "vhost": vhost })
+        for (authority, gateway_vhosts, route) in &parts.routes {
+            // A sidecar names its route configuration by port; a gateway's is named after the
+            // port it listens on (the Gateway server's, or the gateway Service's targetPort for
+            // it), which the manifests do not tell, while its virtual host names carry the
+            // server's port.
+            let matches: Vec<Value> = if context == "GATEWAY" {
+                gateway_vhosts
+                    .iter()
+                    .map(|name| json!({ "vhost": {"name": name} }))
+                    .collect()
             } else {
-                json!({ "portNumber": PROVIDER_PORT, "vhost": vhost })
+                vec![json!({
+                    "portNumber": PROVIDER_PORT,
+                    "vhost": {"name": format!("{authority}:{PROVIDER_PORT}")},
+                })]
             };
-            patches.push(json!({
-                "applyTo": "HTTP_ROUTE",
-                "match": {"context": context, "routeConfiguration": route_configuration},
-                "patch": {"operation": "INSERT_FIRST", "value": route},
-            }));
+            for route_configuration in matches {
+                patches.push(json!({
+                    "applyTo": "HTTP_ROUTE",
+                    "match": {"context": context, "routeConfiguration": route_configuration},
+                    "patch": {"operation": "INSERT_FIRST", "value": route},
+                }));
+            }
         }
     }
     let mut comments = vec![
@@ -459,9 +506,11 @@ fn fallback_envoy_filter(
              llm-fallback|<namespace>.<route>.<rule>|<host> of those clusters in the order tried."
         ),
         format!(
-            "HTTP_ROUTE INSERT_FIRST: in virtual host <authority>:{PROVIDER_PORT} (sidecars: \
-             route configuration {PROVIDER_PORT}; gateways: a Gateway server on port \
-             {PROVIDER_PORT}, change the name for another port), requests the filter marked with \
+            "HTTP_ROUTE INSERT_FIRST: in the virtual host that serves <authority> (sidecars: \
+             <authority>:{PROVIDER_PORT} of route configuration {PROVIDER_PORT}; gateways: a \
+             Gateway server on port {PROVIDER_PORT}, where istiod names the virtual host of the \
+             route's VirtualService after its longest host, so both names are matched; change \
+             the port in the names for another port), requests the filter marked with \
              x-llm-fallback go to the aggregate cluster with a retry policy that moves one \
              provider on per failure."
         ),
@@ -1624,6 +1673,46 @@ spec:
             .lines()
             .filter(|l| l.starts_with('#'))
             .all(|l| l.chars().count() <= COMMENT_WIDTH + 2));
+    }
+
+    #[test]
+    fn gateway_fallback_routes_name_the_virtual_host_istiod_collapses_the_route_into() {
+        // A route host longer than the provider's: istiod names the gateway's one virtual host
+        // for both after the route host (the e2e test through istiod failed on this).
+        let route = |host: &str| {
+            fallback_manifests("", "").replace(
+                "metadata: {name: ha}\nspec:\n  host: chat.example\n",
+                &format!("metadata: {{name: ha}}\nspec:\n  host: {host}\n  gateways: [edge/gw]\n"),
+            )
+        };
+        let vhosts = |text: &str| -> Vec<String> {
+            let docs = documents(text);
+            let filters = of_kind(&docs, "EnvoyFilter");
+            let fallback = filters
+                .iter()
+                .find(|f| f["metadata"]["name"] == "llm-filter-fallback")
+                .unwrap();
+            patches(fallback)
+                .into_iter()
+                .filter(|p| p["applyTo"] == "HTTP_ROUTE" && p["match"]["context"] == "GATEWAY")
+                .map(|p| {
+                    let vhost = &p["match"]["routeConfiguration"]["vhost"];
+                    vhost["name"].as_str().unwrap().to_string()
+                })
+                .collect()
+        };
+        assert_eq!(
+            vhosts(&route("assistants.chat.example")),
+            ["a.example:80", "assistants.chat.example:80"]
+        );
+        // Shorter: the collapsed virtual host is the provider's own name.
+        assert_eq!(vhosts(&route("x.ex")), ["a.example:80"]);
+        // Equal length: alphabetical.
+        assert_eq!(
+            vhosts(&route("0.example")),
+            ["a.example:80", "0.example:80"]
+        );
+        assert_eq!(vhosts(&route("b.example")), ["a.example:80"]);
     }
 
     #[test]

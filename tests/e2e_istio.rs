@@ -1,0 +1,831 @@
+#![cfg(not(target_arch = "wasm32"))]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The seeds, and what else the filter promises on Istio, through istiod's own translation
+//! code: `scripts/mesh.sh up` renders the manifests with `render istio`, tests/istiod (istiod's
+//! FakeDiscoveryServer, its real generators, WasmPlugin translation and EnvoyFilter patching)
+//! serves them over ADS, and real Envoy 1.40 runs them as a sidecar (namespace `default`,
+//! labels `app: sleep`) and as an ingress gateway (namespace `istio-system`, labels
+//! `istio: ingressgateway`). The providers are this test's HTTPS mocks.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::client::{send, send_h2, Req, SEED_BODY};
+use support::mesh::{Mesh, Proxy};
+use support::mock::{Behavior, MockServer, Recorded};
+use support::raw::send_raw_from;
+use support::*;
+
+const DENIED: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// The seed's AuthorizationPolicy with the client address to refuse filled in, as its comment
+/// tells users to do.
+fn seed_authorization_policy(ip: &str) -> String {
+    let path = repo().join("istio/authorization-policy.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("203.0.113.7"));
+    text.replace("203.0.113.7", ip)
+}
+
+/// A mesh of both seeds (`envoy/manifests/`, each file rendered on its own), the seeds' Gateway
+/// and Service, and `extra` Istio files, the providers at `mock`.
+fn seeds_mesh(label: &str, mock: &MockServer, extra: &[&str]) -> Mesh {
+    let mut builder = Mesh::builder(label)
+        .shipped_manifests("mesh.yaml")
+        .shipped_manifests("gateway.yaml")
+        .shipped_istio("ingress-gw.yaml")
+        .shipped_istio("demo-llm-server.yaml")
+        .provider(DASHSCOPE, mock.addr())
+        .provider(MOONSHOT, mock.addr());
+    for text in extra {
+        builder = builder.istio(text);
+    }
+    builder.up()
+}
+
+fn assert_call(r: &Recorded, host: &str, path: &str, model: &str, key: &str) {
+    assert!(r.tls, "{r:?}");
+    assert_eq!(r.sni.as_deref(), Some(host), "{r:?}");
+    assert_eq!(r.authority.as_deref(), Some(host), "{r:?}");
+    assert_eq!(r.path, path, "{r:?}");
+    assert_eq!(r.model().as_deref(), Some(model), "{r:?}");
+    assert_bearer(r, key);
+    assert_no_stale_content_length(r);
+}
+
+/// The HTTP filters of the proxy's listener on `port`, in order: (name, whether it comes over
+/// ECDS).
+fn http_filters(mesh: &Mesh, proxy: Proxy, port: u16) -> Vec<(String, bool)> {
+    let dump = mesh.config_dump(proxy, "?resource=dynamic_listeners");
+    let listener = dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["active_state"]["listener"])
+        .find(|l| l["address"]["socket_address"]["port_value"] == port)
+        .unwrap_or_else(|| panic!("{}: no listener on port {port}: {dump:#}", proxy.name()));
+    let hcm = listener["filter_chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["filters"].as_array().unwrap())
+        .find(|f| f["name"] == "envoy.filters.network.http_connection_manager")
+        .unwrap_or_else(|| panic!("no HTTP connection manager: {listener:#}"));
+    hcm["typed_config"]["http_filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap().to_string(),
+                f.get("config_discovery").is_some(),
+            )
+        })
+        .collect()
+}
+
+/// The ECDS filter named `name` the proxy received: it is the llm-filter module from the
+/// release build with the rendered configuration.
+fn assert_ecds_filter(mesh: &Mesh, proxy: Proxy, name: &str) -> Value {
+    let dump = mesh.config_dump(proxy, "?resource=ecds_filters");
+    let filters: Vec<&Value> = dump["configs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}: no ECDS filters: {dump:#}", proxy.name()))
+        .iter()
+        .map(|c| &c["ecds_filter"])
+        .collect();
+    let names: Vec<&str> = filters
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, [name], "{}", proxy.name());
+    let config = &filters[0]["typed_config"]["config"];
+    assert_eq!(config["root_id"], "llm-filter");
+    assert_eq!(
+        config["vm_config"]["code"]["local"]["filename"],
+        wasm().to_string_lossy().as_ref()
+    );
+    let configuration = config["configuration"]["value"].as_str().unwrap();
+    llm_filter::policy::Policy::from_text(configuration).unwrap();
+    filters[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    let policy = seed_authorization_policy("127.0.0.2");
+    let mesh = seeds_mesh("seeds", &mock, &[&policy]);
+
+    // Seed 001 on the sidecar: a direct call to the provider host.
+    let resp = send(mesh.sidecar, &Req::chat(DASHSCOPE, SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["model"], "qwen1.5-72b-chat");
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_call(
+        &seen[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen1.5-72b-chat",
+        KEY_DASHSCOPE,
+    );
+
+    // The same over HTTP/2 (h2c), and as a subscriber: rule vip-route, qwen-turbo, VIP key.
+    mock.clear();
+    let resp = send_h2(mesh.sidecar, &Req::chat(DASHSCOPE, SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let req = Req::chat(DASHSCOPE, SEED_BODY).header("user-type", "subscriber");
+    let resp = send(mesh.sidecar, &req).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["model"], "qwen-turbo");
+    let seen = mock.requests();
+    assert_call(
+        &seen[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen1.5-72b-chat",
+        KEY_DASHSCOPE,
+    );
+    assert_call(
+        &seen[1],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-turbo",
+        KEY_DASHSCOPE_VIP,
+    );
+
+    // The 50/50 split of demo-llm-server over 200 requests.
+    mock.clear();
+    for _ in 0..200 {
+        let resp = send(mesh.sidecar, &Req::chat("demo-llm-server", SEED_BODY)).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 200);
+    let dashscope = seen
+        .iter()
+        .filter(|r| r.sni.as_deref() == Some(DASHSCOPE))
+        .count();
+    for r in &seen {
+        if r.sni.as_deref() == Some(DASHSCOPE) {
+            assert_call(
+                r,
+                DASHSCOPE,
+                DASHSCOPE_PATH,
+                "qwen1.5-72b-chat",
+                KEY_DASHSCOPE,
+            );
+        } else {
+            assert_call(r, MOONSHOT, MOONSHOT_PATH, "moonshot-v1-8k", KEY_MOONSHOT);
+        }
+    }
+    // Binomial(200, 0.5): outside 70..=130 with a probability below 1e-5.
+    assert!(
+        (70..=130).contains(&dashscope),
+        "{dashscope} of 200 to DashScope"
+    );
+
+    // Streaming stays unbuffered: the events arrive as the provider sends them.
+    mock.clear();
+    mock.set_behavior(Behavior {
+        sse_events: 5,
+        sse_gap: Duration::from_millis(150),
+        ..Behavior::default()
+    });
+    let body = r#"{"messages": [{"role": "user", "content": "hi"}], "stream": true}"#;
+    let resp = send(mesh.sidecar, &Req::chat(DASHSCOPE, body)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let events = resp.sse_events();
+    assert!(events.len() >= 6, "{events:?}");
+    let first = events[0].0;
+    let last = events[events.len() - 1].0;
+    assert!(
+        last - first >= Duration::from_millis(600),
+        "the events arrived together ({first:?} .. {last:?}): the stream was buffered"
+    );
+    mock.set_behavior(Behavior::default());
+
+    // Seed 000 on the gateway: test.com reaches DashScope as qwen-1.8b-chat, stream false.
+    mock.clear();
+    let resp = send(
+        mesh.gateway,
+        &Req::chat(
+            "test.com",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"请介绍你自己\"}]}",
+        ),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["model"], "qwen-1.8b-chat");
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_call(
+        &seen[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-1.8b-chat",
+        KEY_GATEWAY,
+    );
+    assert_eq!(seen[0].json().unwrap()["stream"], false);
+
+    // The seed's AuthorizationPolicy: the denied client gets Istio's 403 and nothing reaches a
+    // provider; over HTTP/1.1, HTTP/2 and a raw request alike.
+    mock.clear();
+    let denied = Req::chat("test.com", SEED_BODY).bind_source(DENIED);
+    let resp = send(mesh.gateway, &denied).await;
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    assert_eq!(resp.text(), "RBAC: access denied");
+    let resp = send_h2(mesh.gateway, &denied).await;
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    let raw = format!(
+        "POST / HTTP/1.1\r\nHost: test.com\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{SEED_BODY}",
+        SEED_BODY.len()
+    );
+    let answer = send_raw_from(Some(DENIED), mesh.gateway, raw.into_bytes(), Vec::new()).await;
+    assert_eq!(answer.status, 403, "{}", answer.text());
+    assert_eq!(answer.text(), "RBAC: access denied");
+    assert!(mock.all_requests().is_empty(), "{:#?}", mock.all_requests());
+    // Other clients are served.
+    let resp = send(mesh.gateway, &Req::chat("test.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    mesh.assert_logged(Proxy::Gateway, "downstream=127.0.0.2:");
+
+    // The filter arrived through istiod's ECDS: the WasmPlugin's translated name, in the
+    // listener after Istio's authorization filter and before the router.
+    assert_ecds_filter(
+        &mesh,
+        Proxy::Gateway,
+        "extensions.istio.io/trafficextension/istio-system.llm-filter-ingressgateway~istio-translated-wasmplugin",
+    );
+    let filters = http_filters(&mesh, Proxy::Gateway, mesh.gateway.port());
+    let position = |name: &str| filters.iter().position(|(n, _)| n == name);
+    let llm = filters
+        .iter()
+        .position(|(n, ecds)| *ecds && n.contains("llm-filter"))
+        .unwrap_or_else(|| panic!("{filters:?}"));
+    assert!(
+        position("envoy.filters.http.rbac").unwrap() < llm,
+        "{filters:?}"
+    );
+    assert_eq!(
+        filters.last().unwrap().0,
+        "envoy.filters.http.router",
+        "{filters:?}"
+    );
+    assert_ecds_filter(
+        &mesh,
+        Proxy::Sidecar,
+        "extensions.istio.io/trafficextension/default.llm-filter~istio-translated-wasmplugin",
+    );
+    let filters = http_filters(&mesh, Proxy::Sidecar, 80);
+    assert!(
+        filters
+            .iter()
+            .any(|(n, ecds)| *ecds && n.contains("default.llm-filter")),
+        "{filters:?}"
+    );
+    mesh.assert_no_wasm_failures();
+}
+
+/// RequestAuthentication for the demo issuer and an AuthorizationPolicy that lets only requests
+/// with a valid JWT reach test.com on the gateway (the seed's "JWT" security option).
+fn jwt_policies() -> String {
+    let jwks = std::fs::read_to_string(repo().join("tests/data/jwt/demo-jwks.json")).unwrap();
+    let jwks: Value = serde_json::from_str(&jwks).unwrap();
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: demo-issuer, namespace: istio-system}}
+spec:
+  selector:
+    matchLabels: {{istio: ingressgateway}}
+  jwtRules:
+  - issuer: {issuer}
+    audiences: [{audience}]
+    jwks: '{jwks}'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: require-jwt, namespace: istio-system}}
+spec:
+  selector:
+    matchLabels: {{istio: ingressgateway}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        requestPrincipals: ['*']
+    to:
+    - operation:
+        hosts: [test.com]
+",
+        issuer = jwt::ISSUER,
+        audience = jwt::AUDIENCE,
+        jwks = jwks,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_requires_a_jwt_before_the_filter_runs() {
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    let mesh = Mesh::builder("jwt")
+        .shipped_manifests("gateway.yaml")
+        .shipped_istio("ingress-gw.yaml")
+        .istio(&jwt_policies())
+        .provider(DASHSCOPE, mock.addr())
+        .up();
+
+    // No token: Istio's authorization refuses, nothing reaches the provider.
+    let resp = send(mesh.gateway, &Req::chat("test.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    assert_eq!(resp.text(), "RBAC: access denied");
+    // A token signed by another key, or for another audience: refused by the JWT filter.
+    let forged = jwt::sign(&jwt::claims("alice"))
+        .replace('.', ".x")
+        .replacen(".x", ".", 1);
+    let resp = send(
+        mesh.gateway,
+        &Req::chat("test.com", SEED_BODY).header("authorization", &format!("Bearer {forged}")),
+    )
+    .await;
+    assert_eq!(resp.status, 401, "{}", resp.text());
+    let mut claims = jwt::claims("alice");
+    claims["aud"] = "someone-else".into();
+    let resp = send(
+        mesh.gateway,
+        &Req::chat("test.com", SEED_BODY)
+            .header("authorization", &format!("Bearer {}", jwt::sign(&claims))),
+    )
+    .await;
+    assert!(
+        matches!(resp.status, 401 | 403),
+        "{} {}",
+        resp.status,
+        resp.text()
+    );
+    assert!(mock.all_requests().is_empty(), "{:#?}", mock.all_requests());
+
+    // A valid token: the provider gets its own key only, never the client's JWT.
+    let token = jwt::sign(&jwt::claims("alice"));
+    let req = Req::chat("test.com", SEED_BODY).header("authorization", &format!("Bearer {token}"));
+    let resp = send(mesh.gateway, &req).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_call(
+        &seen[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-1.8b-chat",
+        KEY_GATEWAY,
+    );
+    assert!(
+        !seen[0]
+            .headers
+            .iter()
+            .any(|(_, v)| String::from_utf8_lossy(v).contains(&token)),
+        "the JWT reached the provider"
+    );
+    mesh.assert_no_wasm_failures();
+}
+
+const KEY_A: &str = "sk-istio-dashscope";
+const KEY_B: &str = "sk-istio-moonshot";
+
+/// Manifests that need the EnvoyFilter forms: fallback (a sidecar route and a gateway route)
+/// and routing on the request's model. The gateway route's host is longer than its provider's:
+/// istiod then names the gateway's one virtual host for both (it collapses hosts with the same
+/// routes, the longest first) after the route host, not the provider's.
+const FALLBACK_MANIFESTS: &str = "\
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: dashscope-qwen, namespace: default}
+spec:
+  host: dashscope.aliyuncs.com
+  path: /compatible-mode/v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig: {model: qwen-turbo, apiKey: sk-istio-dashscope}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: moonshot, namespace: default}
+spec:
+  host: api.moonshot.cn
+  path: /v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig: {model: moonshot-v1-8k, apiKey: sk-istio-moonshot}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: ha-route, namespace: default}
+spec:
+  host: test.com
+  rules:
+  - name: ha
+    backendRefs:
+    - providerHost: dashscope.aliyuncs.com
+    fallback:
+      providers: [api.moonshot.cn]
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: edge-route, namespace: default}
+spec:
+  host: assistants.chat.example.com
+  gateways: [istio-system/ingress-gw]
+  rules:
+  - backendRefs:
+    - providerHost: dashscope.aliyuncs.com
+    fallback:
+      providers: [api.moonshot.cn]
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: models, namespace: default}
+spec:
+  host: models.example.com
+  rules:
+  - matches:
+    - model: {prefix: moonshot-}
+    backendRefs:
+    - providerHost: api.moonshot.cn
+  - backendRefs:
+    - providerHost: dashscope.aliyuncs.com
+";
+
+fn assert_dashscope_attempt(r: &Recorded) {
+    fallback::assert_attempt(r, DASHSCOPE, DASHSCOPE_PATH, "qwen-turbo", KEY_A);
+}
+
+fn assert_moonshot_attempt(r: &Recorded) {
+    fallback::assert_attempt(r, MOONSHOT, MOONSHOT_PATH, "moonshot-v1-8k", KEY_B);
+}
+
+/// A request to `host` on `proxy` while DashScope fails (`dash` answers `status`, or is gone
+/// when `status` is None): Moonshot answers it, each attempt rewritten for its provider.
+async fn falls_back(
+    mesh: &Mesh,
+    proxy: Proxy,
+    host: &str,
+    dash: Option<&MockServer>,
+    moon: &MockServer,
+    cluster: &str,
+) {
+    moon.clear();
+    if let Some(dash) = dash {
+        dash.clear();
+    }
+    let resp = send(mesh.addr(proxy), &Req::chat(host, SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{} {host}: {}", proxy.name(), resp.text());
+    assert!(
+        resp.text().contains("mock of api.moonshot.cn"),
+        "{}",
+        resp.text()
+    );
+    if let Some(dash) = dash {
+        let tried = dash.requests();
+        assert_eq!(tried.len(), 1, "{tried:#?}");
+        assert_dashscope_attempt(&tried[0]);
+    }
+    let answered = moon.requests();
+    assert_eq!(answered.len(), 1, "{answered:#?}");
+    assert_moonshot_attempt(&answered[0]);
+    mesh.assert_logged(proxy, &format!("cluster={cluster} upstream="));
+    mesh.assert_logged(proxy, "provider=moonshot attempts=dashscope-qwen,moonshot");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_and_model_routing_work_in_their_envoy_filter_forms() {
+    let dash = MockServer::start_tls(&pki().0).expect("mock provider");
+    let moon = MockServer::start_tls(&pki().0).expect("mock provider");
+    let mesh = Mesh::builder("fallback")
+        .manifests(FALLBACK_MANIFESTS)
+        .shipped_istio("ingress-gw.yaml")
+        .provider(DASHSCOPE, dash.addr())
+        .provider(MOONSHOT, moon.addr())
+        .up();
+    // The EnvoyFilter form's filter sits just before the router, on both proxies.
+    for (proxy, port) in [(Proxy::Sidecar, 80), (Proxy::Gateway, mesh.gateway.port())] {
+        let filters = http_filters(&mesh, proxy, port);
+        let names: Vec<&str> = filters.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names[names.len() - 2..],
+            ["llm-filter", "envoy.filters.http.router"],
+            "{}: {names:?}",
+            proxy.name()
+        );
+    }
+    let sidecar_cluster = "llm-fallback|default.ha-route.0|dashscope.aliyuncs.com";
+    let gateway_cluster = "llm-fallback|default.edge-route.0|dashscope.aliyuncs.com";
+
+    // A 503 and a 429 from DashScope fall back to Moonshot, on both proxies.
+    for status in [503, 429] {
+        dash.set_behavior(Behavior {
+            fixed_for_sni: vec![fallback::fail(DASHSCOPE, status, "dashscope is down")],
+            ..Behavior::default()
+        });
+        falls_back(
+            &mesh,
+            Proxy::Sidecar,
+            "test.com",
+            Some(&dash),
+            &moon,
+            sidecar_cluster,
+        )
+        .await;
+        falls_back(
+            &mesh,
+            Proxy::Gateway,
+            "assistants.chat.example.com",
+            Some(&dash),
+            &moon,
+            gateway_cluster,
+        )
+        .await;
+    }
+    dash.set_behavior(Behavior::default());
+
+    // No failure: one attempt, DashScope's.
+    dash.clear();
+    moon.clear();
+    let resp = send(mesh.sidecar, &Req::chat("test.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(dash.requests().len(), 1);
+    assert_dashscope_attempt(&dash.requests()[0]);
+    assert!(moon.requests().is_empty());
+
+    // Routing on the body's model (the EnvoyFilter form holds the headers until the body).
+    dash.clear();
+    let body = r#"{"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "hi"}]}"#;
+    let resp = send(mesh.sidecar, &Req::chat("models.example.com", body)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(moon.requests().len(), 1);
+    assert_call(
+        &moon.requests()[0],
+        MOONSHOT,
+        MOONSHOT_PATH,
+        "moonshot-v1-8k",
+        KEY_B,
+    );
+    let resp = send(mesh.sidecar, &Req::chat("models.example.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(dash.requests().len(), 1);
+    assert_call(
+        &dash.requests()[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-turbo",
+        KEY_A,
+    );
+
+    // DashScope refuses connections: both proxies fall back.
+    drop(dash);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    falls_back(
+        &mesh,
+        Proxy::Sidecar,
+        "test.com",
+        None,
+        &moon,
+        sidecar_cluster,
+    )
+    .await;
+    falls_back(
+        &mesh,
+        Proxy::Gateway,
+        "assistants.chat.example.com",
+        None,
+        &moon,
+        gateway_cluster,
+    )
+    .await;
+    mesh.assert_no_wasm_failures();
+}
+
+/// Providers of seed 001 and one route for demo-llm-server to `provider`.
+fn reload_manifests(provider: &str) -> String {
+    format!(
+        "apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {{name: dashscope-qwen, namespace: default}}
+spec:
+  host: dashscope.aliyuncs.com
+  path: /compatible-mode/v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig: {{model: qwen-turbo, apiKey: sk-istio-dashscope}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {{name: moonshot, namespace: default}}
+spec:
+  host: api.moonshot.cn
+  path: /v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig: {{model: moonshot-v1-8k, apiKey: sk-istio-moonshot}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {{name: demo-llm-server, namespace: default}}
+spec:
+  host: demo-llm-server
+  rules:
+  - backendRefs:
+    - providerHost: {provider}
+"
+    )
+}
+
+/// A VirtualService of the user's own, unrelated to the filter; `attempts` -1 is invalid.
+fn spare_virtual_service(attempts: i32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: spare, namespace: default}}
+spec:
+  hosts: [spare.example.com]
+  http:
+  - route:
+    - destination: {{host: spare.example.com}}
+    retries: {{attempts: {attempts}}}
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_route_goes_out_over_ecds_under_load_and_an_invalid_change_does_not() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    mock.set_recording(false);
+    let mesh = Mesh::builder("reload")
+        .manifests(&reload_manifests(DASHSCOPE))
+        .shipped_istio("demo-llm-server.yaml")
+        .istio(&spare_virtual_service(2))
+        .provider(DASHSCOPE, mock.addr())
+        .provider(MOONSHOT, mock.addr())
+        .up();
+    let ecds_reloads = "extension_config_discovery.http_filter.extensions.istio.io/\
+                        trafficextension/default.llm-filter~istio-translated-wasmplugin.config_reload";
+    let reloads_before = mesh.stat(Proxy::Sidecar, ecds_reloads).unwrap();
+
+    // Clients keep sending (4 at a time, bounded by count and time) while the change goes out.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers: Arc<Mutex<Vec<(u16, String)>>> = Arc::default();
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, answers, addr) = (stop.clone(), answers.clone(), mesh.sidecar);
+        clients.push(tokio::spawn(async move {
+            for _ in 0..5000 {
+                if stop.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(90) {
+                    break;
+                }
+                let resp = send(addr, &Req::chat("demo-llm-server", SEED_BODY)).await;
+                let model = if resp.status == 200 {
+                    resp.json()["model"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                } else {
+                    resp.text()
+                };
+                answers.lock().unwrap().push((resp.status, model));
+            }
+        }));
+    }
+    let wait_for = |n: usize| {
+        let answers = answers.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while answers.lock().unwrap().len() < n {
+                assert!(std::time::Instant::now() < deadline, "clients stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(40).await;
+
+    // Re-render the changed LLMRoute and push it: Moonshot takes over, through ECDS.
+    std::fs::write(&mesh.manifests[0], reload_manifests(MOONSHOT)).unwrap();
+    let pushed = mesh
+        .reload()
+        .unwrap_or_else(|e| panic!("reload refused: {e}"));
+    assert!(pushed.contains("updated"), "{pushed}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let switched_at = loop {
+        let seen = answers.lock().unwrap().clone();
+        if let Some(i) = seen.iter().position(|(_, m)| m == "moonshot-v1-8k") {
+            break i;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new rule never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(mesh.stat(Proxy::Sidecar, ecds_reloads).unwrap() > reloads_before);
+    let settled = answers.lock().unwrap().len() + 8;
+    wait_for(settled + 40).await;
+
+    // Invalid changes are refused, naming the object, and the old configuration keeps serving:
+    // one Istio's validation refuses, one the filter refuses at render time.
+    std::fs::write(&mesh.istio[1], spare_virtual_service(-1)).unwrap();
+    let refused = mesh.reload().unwrap_err();
+    assert!(
+        refused.contains("VirtualService default/spare: attempts cannot be negative"),
+        "{refused}"
+    );
+    std::fs::write(&mesh.istio[1], spare_virtual_service(2)).unwrap();
+    std::fs::write(&mesh.manifests[0], reload_manifests("nowhere.example.com")).unwrap();
+    let refused = mesh.reload().unwrap_err();
+    assert!(
+        refused.contains("LLMRoute default/demo-llm-server"),
+        "{refused}"
+    );
+    let after_refusals = answers.lock().unwrap().len();
+    wait_for(after_refusals + 40).await;
+
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let seen = answers.lock().unwrap().clone();
+    let failed: Vec<&(u16, String)> = seen.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        seen.len()
+    );
+    assert!(
+        seen[..switched_at].iter().all(|(_, m)| m == "qwen-turbo"),
+        "{seen:?}"
+    );
+    // After the switch settled (requests in flight during the push may still be DashScope's),
+    // Moonshot answers everything, through both refused changes.
+    assert!(
+        seen[settled..].iter().all(|(_, m)| m == "moonshot-v1-8k"),
+        "{:?}",
+        &seen[settled..]
+    );
+    assert!(mock.received() >= seen.len());
+    mesh.assert_no_wasm_failures();
+}
+
+#[test]
+fn mesh_up_fails_naming_what_istio_or_a_proxy_refused() {
+    // Istio's validation refuses an object: nothing starts, the object and reason are named.
+    let refused = Mesh::builder("invalid")
+        .shipped_manifests("gateway.yaml")
+        .istio(&spare_virtual_service(-1))
+        .try_up()
+        .err()
+        .expect("an invalid VirtualService must stop scripts/mesh.sh up");
+    assert!(
+        refused.contains("VirtualService default/spare: attempts cannot be negative"),
+        "{refused}"
+    );
+
+    // istiod accepts it but Envoy rejects it: a cluster Envoy cannot build.
+    let bad_cluster = "apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: bad-cluster, namespace: istio-system}
+spec:
+  configPatches:
+  - applyTo: CLUSTER
+    match: {context: GATEWAY}
+    patch:
+      operation: ADD
+      value:
+        name: bad
+        type: STATIC
+        connect_timeout: 1s
+        load_assignment:
+          cluster_name: bad
+          endpoints:
+          - lb_endpoints:
+            - endpoint: {address: {socket_address: {address: not-an-ip, port_value: 80}}}
+";
+    let refused = Mesh::builder("rejected")
+        .shipped_manifests("gateway.yaml")
+        .shipped_istio("ingress-gw.yaml")
+        .istio(bad_cluster)
+        .provider(DASHSCOPE, "127.0.0.1:9".parse().unwrap())
+        .try_up()
+        .err()
+        .expect("a cluster the gateway rejects must stop scripts/mesh.sh up");
+    assert!(
+        refused.contains("gateway: rejected a cluster update"),
+        "{refused}"
+    );
+    assert!(refused.contains("not-an-ip"), "{refused}");
+}
