@@ -321,6 +321,13 @@ pub struct Settings {
     /// side-stepped by naming the provider. `llm-filter render` sets it for gateways.
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
     pub direct_provider_calls: bool,
+    /// A host is served written as `host:port` too, not only as `host`. `false` where the
+    /// authorization in front of the filter matches the bare host only: an Istio
+    /// `AuthorizationPolicy` with `hosts: [test.com]` matches exactly `test.com` (any case), so
+    /// on an Istio gateway `test.com:80` would pass a DENY rule for `test.com`. `render istio`
+    /// sets it for gateways.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub host_with_port: bool,
 }
 
 fn is_yes(value: &bool) -> bool {
@@ -354,6 +361,7 @@ impl Default for Settings {
             forward_after_body: false,
             hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
             direct_provider_calls: true,
+            host_with_port: true,
         }
     }
 }

@@ -204,6 +204,8 @@ pub struct Policy {
     hosts: HashMap<String, Rc<HostTarget>>,
     /// `settings.directProviderCalls`: a provider's own host is served.
     direct_provider_calls: bool,
+    /// `settings.hostWithPort`: `host:port` is a served form.
+    host_with_port: bool,
     pub max_request_body_bytes: u64,
     pub request_stream_usage: bool,
     /// `settings.forwardAfterBody`: hold the headers until the body is checked.
@@ -295,6 +297,7 @@ impl Policy {
         Ok(Policy {
             hosts,
             direct_provider_calls: config.settings.direct_provider_calls,
+            host_with_port: config.settings.host_with_port,
             max_request_body_bytes: config.settings.max_request_body_bytes,
             request_stream_usage: config.settings.request_stream_usage,
             forward_after_body: config.settings.forward_after_body,
@@ -371,11 +374,13 @@ impl Policy {
     }
 
     /// Whether an `:authority` names an LLM host, and in which form. Served is exactly
-    /// `host` or `host:port` (ASCII case ignored; the port 1 to 5 digits, at most 65535): the
-    /// forms that an authorization rule written for the host matches (Istio translates an
-    /// AuthorizationPolicy's `hosts: [h]` into `h` or the prefix `h:`, case ignored). Anything
-    /// else that still names an LLM host, once user info, ports, trailing dots, spaces and list
-    /// commas are looked through, is refused: Envoy or a policy might read it differently.
+    /// `host` or `host:port` (ASCII case ignored; the port 1 to 5 digits, at most 65535; only
+    /// `host` with `settings.hostWithPort: false`): the forms that an authorization rule written
+    /// for the host matches (the shipped RBAC and JWT examples match `h` and the prefix `h:`;
+    /// Istio translates an AuthorizationPolicy's `hosts: [h]` into exactly `h`, case ignored).
+    /// Anything else that still names an LLM host, once user info, ports, trailing dots, spaces
+    /// and list commas are looked through, is refused: Envoy or a policy might read it
+    /// differently.
     pub fn classify(&self, authority: &[u8]) -> HostClass {
         if self.target(authority).is_some() {
             return HostClass::Served;
@@ -404,7 +409,7 @@ impl Policy {
     }
 
     fn target(&self, authority: &[u8]) -> Option<&HostTarget> {
-        self.lookup(served_host(authority)?)
+        self.lookup(served_host(authority, self.host_with_port)?)
     }
 
     fn lookup(&self, host: &[u8]) -> Option<&HostTarget> {
@@ -500,14 +505,17 @@ pub fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u
         .map(|(_, value)| value.as_slice())
 }
 
-/// The host of an `:authority` in a served form: `host` or `host:port`, the port 1 to 5 ASCII
-/// digits and at most 65535, no trailing dot. Case is left to the lookup.
-fn served_host(authority: &[u8]) -> Option<&[u8]> {
+/// The host of an `:authority` in a served form: `host`, or (`with_port`) `host:port` with the
+/// port 1 to 5 ASCII digits and at most 65535; no trailing dot. Case is left to the lookup.
+fn served_host(authority: &[u8], with_port: bool) -> Option<&[u8]> {
     let (host, port) = match authority.iter().position(|&b| b == b':') {
         Some(colon) => (&authority[..colon], Some(&authority[colon + 1..])),
         None => (authority, None),
     };
     if let Some(port) = port {
+        if !with_port {
+            return None;
+        }
         if !(1..=5).contains(&port.len()) || !port.iter().all(u8::is_ascii_digit) {
             return None;
         }
@@ -1385,6 +1393,33 @@ settings: {forwardAfterBody: true}
         };
         assert_eq!(list(&[("x-tier", "vip")]), ["a-vip"]);
         assert_eq!(list(&[]), ["a-by-model", "a-default"]);
+    }
+
+    #[test]
+    fn without_host_ports_only_the_bare_host_is_served() {
+        let policy = Policy::from_text(&format!(
+            "{GATEWAY}\n---\nsettings: {{hostWithPort: false}}\n"
+        ))
+        .unwrap();
+        for host in ["test.com", "TEST.com"] {
+            assert_eq!(
+                policy.classify(host.as_bytes()),
+                HostClass::Served,
+                "{host}"
+            );
+        }
+        for host in ["test.com:80", "test.com:443", "test.com:", "test.com."] {
+            assert_eq!(
+                policy.classify(host.as_bytes()),
+                HostClass::Refused,
+                "{host}"
+            );
+            assert_eq!(
+                decision(&policy, &request(host, &[])),
+                Decision::Reject(RequestError::InvalidHost)
+            );
+        }
+        assert_eq!(policy.classify(b"example.com:80"), HostClass::Other);
     }
 
     #[test]

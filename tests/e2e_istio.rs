@@ -829,3 +829,140 @@ spec:
     );
     assert!(refused.contains("not-an-ip"), "{refused}");
 }
+
+/// The host-form table (`tests/support/host_forms.rs`, as `e2e_host_forms.rs` runs it on
+/// standalone Envoy) through what istiod generates, where Istio sets up the connection manager
+/// itself: the sidecar with seed 001, the gateway with seed 000 and the seed's
+/// AuthorizationPolicy (DENY 127.0.0.2), from an allowed and a denied client. No form reaches a
+/// provider unrewritten or gets past the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_host_form_reaches_a_provider_unrewritten_or_skips_the_policy() {
+    use support::host_forms::*;
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    let policy = seed_authorization_policy("127.0.0.2");
+    let mesh = seeds_mesh("host-forms", &mock, &[&policy]);
+
+    let sidecar = Target {
+        name: "Istio sidecar".into(),
+        addr: mesh.sidecar,
+        provider: &mock,
+        local: None,
+        source: None,
+        headers: vec![bearer(CLIENT_TOKEN)],
+        credential: CLIENT_TOKEN.to_string(),
+        others_go_nowhere: true,
+        host_with_port: true,
+        calls: vec![
+            (DASHSCOPE, DASHSCOPE_PATH, KEY_DASHSCOPE),
+            (MOONSHOT, MOONSHOT_PATH, KEY_MOONSHOT),
+        ],
+    };
+    let hosts = [
+        ("demo-llm-server", Kind::Route),
+        (DASHSCOPE, Kind::Route),
+        (MOONSHOT, Kind::Provider),
+        ("example.com", Kind::Other),
+    ];
+    sidecar
+        .table(&hosts, |kind| match kind {
+            Kind::Other => Expect::NotServed,
+            _ => Expect::Served,
+        })
+        .await;
+    sidecar.odd_forms("demo-llm-server", "example.com").await;
+
+    let hosts = [
+        ("test.com", Kind::Route),
+        (DASHSCOPE, Kind::GatewayProvider),
+        ("example.com", Kind::Other),
+    ];
+    for (source, denied) in [(None, false), (Some(DENIED), true)] {
+        let gateway = Target {
+            name: format!(
+                "Istio gateway{}",
+                if denied { " from 127.0.0.2" } else { "" }
+            ),
+            addr: mesh.gateway,
+            source,
+            others_go_nowhere: true,
+            // An AuthorizationPolicy's `hosts: [test.com]` matches exactly `test.com`.
+            host_with_port: false,
+            calls: vec![(DASHSCOPE, DASHSCOPE_PATH, KEY_GATEWAY)],
+            ..sidecar.clone_for()
+        };
+        let before = mock.all_requests().len();
+        gateway
+            .table(&hosts, |kind| match (kind, denied) {
+                (Kind::Route, false) => Expect::Served,
+                (Kind::Route, true) => Expect::Refused(Some(403)),
+                (Kind::GatewayProvider, _) => Expect::Refused(Some(404)),
+                _ => Expect::NotServed,
+            })
+            .await;
+        gateway.odd_forms("test.com", "example.com").await;
+        if denied {
+            assert_eq!(
+                mock.all_requests().len(),
+                before,
+                "a denied client reached the provider"
+            );
+        }
+    }
+    mesh.assert_no_wasm_failures();
+}
+
+/// The same table on a gateway whose AuthorizationPolicy requires a JWT from a
+/// RequestAuthentication for test.com: without a valid token no form gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_host_form_skips_the_jwt_requirement() {
+    use support::host_forms::*;
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    let mesh = Mesh::builder("host-forms-jwt")
+        .shipped_manifests("gateway.yaml")
+        .shipped_istio("ingress-gw.yaml")
+        .istio(&jwt_policies())
+        .provider(DASHSCOPE, mock.addr())
+        .up();
+    let token = jwt::sign(&jwt::claims("alice"));
+    let hosts = [
+        ("test.com", Kind::Route),
+        (DASHSCOPE, Kind::GatewayProvider),
+        ("example.com", Kind::Other),
+    ];
+    for (credential, valid) in [(CLIENT_TOKEN.to_string(), false), (token, true)] {
+        let gateway = Target {
+            name: format!(
+                "Istio JWT gateway {} a valid token",
+                if valid { "with" } else { "without" }
+            ),
+            addr: mesh.gateway,
+            provider: &mock,
+            local: None,
+            source: None,
+            headers: vec![bearer(&credential)],
+            credential: credential.clone(),
+            others_go_nowhere: true,
+            host_with_port: false,
+            calls: vec![(DASHSCOPE, DASHSCOPE_PATH, KEY_GATEWAY)],
+        };
+        let before = mock.all_requests().len();
+        gateway
+            .table(&hosts, |kind| match (kind, valid) {
+                (Kind::Route, true) => Expect::Served,
+                // 401 for a token that is no JWT, 403 for none at all.
+                (Kind::Route, false) => Expect::Refused(None),
+                // The ALLOW policy names only test.com: every other host is refused by it.
+                (Kind::GatewayProvider, _) => Expect::Refused(None),
+                _ => Expect::NotServed,
+            })
+            .await;
+        gateway.odd_forms("test.com", "example.com").await;
+        if !valid {
+            assert_eq!(
+                mock.all_requests().len(),
+                before,
+                "a request without a valid JWT reached the provider"
+            );
+        }
+    }
+}

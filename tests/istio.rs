@@ -71,12 +71,13 @@ fn expanded(file: &str) -> FilterConfig {
 }
 
 /// Each WasmPlugin carries the JSON form, which the filter reads back as the same configuration
-/// (a gateway's with `settings.directProviderCalls: false`: its every route is bound to a
+/// (a gateway's with `settings.directProviderCalls` and `hostWithPort` false: its every route is bound to a
 /// gateway, so providers are served only through them).
 fn check_plugin_config(plugin: &Value, seed: &str) {
     let mut expected = expanded(seed);
     if expected.routes.iter().all(|r| !r.spec.gateways.is_empty()) {
         expected.settings.direct_provider_calls = false;
+        expected.settings.host_with_port = false;
     }
     let plugin_config = &plugin["spec"]["pluginConfig"];
     assert_eq!(*plugin_config, expected.to_bundle_json());

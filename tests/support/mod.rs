@@ -11,6 +11,7 @@ pub mod admin;
 pub mod client;
 pub mod envoy;
 pub mod fallback;
+pub mod host_forms;
 pub mod jwt;
 pub mod mesh;
 pub mod mock;

@@ -600,9 +600,12 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
     }
 
     // Manifests whose every route is bound to a gateway are a gateway's: there, providers are
-    // served only through those routes (as `render envoy` does).
+    // served only through those routes (as `render envoy` does), and a host only in the one
+    // form an AuthorizationPolicy's `hosts` matches (Istio translates `hosts: [h]` into
+    // exactly `h`, so `h:80` would pass a DENY rule for `h`).
     let mut gateway_config = config.clone();
     gateway_config.settings.direct_provider_calls = false;
+    gateway_config.settings.host_with_port = false;
     let gateway_only = envoy::gateway_only(config);
     let fallback = fallback_parts(config)?;
     let mut used_names: BTreeSet<(String, String)> = BTreeSet::new();
@@ -1173,10 +1176,9 @@ spec:
         let plugins = of_kind(&gateway_docs, "WasmPlugin");
         assert_eq!(plugins.len(), 2, "{plugins:?}");
         for plugin in &plugins {
-            assert_eq!(
-                plugin["spec"]["pluginConfig"]["settings"]["directProviderCalls"],
-                false
-            );
+            let settings = &plugin["spec"]["pluginConfig"]["settings"];
+            assert_eq!(settings["directProviderCalls"], false);
+            assert_eq!(settings["hostWithPort"], false);
         }
     }
 
