@@ -356,6 +356,7 @@ mod tests {
             authorization: key.map(|k| format!("Bearer {k}")),
             model_mapping: Default::default(),
             fallback: None,
+            limits: None,
         }
     }
 

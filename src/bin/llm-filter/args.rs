@@ -3,11 +3,16 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::ratelimit::Failure;
+
 pub const USAGE: &str = "usage:
   llm-filter check FILE...
   llm-filter render envoy FILE... [--wasm PATH] [--listen ADDR:PORT] [--admin ADDR:PORT]
                                   [--endpoint HOST=ADDR:PORT]... [--ca FILE] [--extend FILE]...
+                                  [--ratelimit ADDR:PORT [--ratelimit-failure open|closed]]
   llm-filter render istio FILE... [--wasm-url URL]
+                                  [--ratelimit HOST:PORT [--ratelimit-failure open|closed]]
+  llm-filter render ratelimit FILE...
   llm-filter crds";
 
 #[derive(Debug, PartialEq)]
@@ -23,6 +28,10 @@ pub enum Command {
     RenderIstio {
         files: Vec<PathBuf>,
         options: IstioOptions,
+    },
+    /// The rate limit service's configuration for the manifests' budgets.
+    RenderRateLimit {
+        files: Vec<PathBuf>,
     },
     Crds,
 }
@@ -40,7 +49,40 @@ pub struct EnvoyOptions {
     pub ca: Option<String>,
     /// YAML files whose `http_filters` go before the llm-filter and whose `clusters` are added.
     pub extends: Vec<PathBuf>,
+    /// `--ratelimit`: Envoy's rate limit service, which counts the budgets (`limits`).
+    pub ratelimit: Option<RateLimitService>,
 }
+
+/// `--ratelimit ADDR:PORT` and `--ratelimit-failure`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitService {
+    pub address: SocketAddr,
+    pub failure: Failure,
+}
+
+/// Reads `--ratelimit` and `--ratelimit-failure` from `flags`; the others are left alone.
+fn rate_limit_service(flags: &[(String, String)]) -> Result<Option<RateLimitService>, String> {
+    let mut address = None;
+    let mut failure = None;
+    for (flag, value) in flags {
+        match flag.as_str() {
+            "--ratelimit" => address = Some(SocketAddr::parse(flag, value)?),
+            "--ratelimit-failure" => failure = Some(Failure::parse(flag, value)?),
+            _ => {}
+        }
+    }
+    match (address, failure) {
+        (Some(address), failure) => Ok(Some(RateLimitService {
+            address,
+            failure: failure.unwrap_or_default(),
+        })),
+        (None, Some(_)) => Err("--ratelimit-failure needs --ratelimit".to_string()),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The flags `rate_limit_service` reads.
+const RATE_LIMIT_FLAGS: [&str; 2] = ["--ratelimit", "--ratelimit-failure"];
 
 impl Default for EnvoyOptions {
     fn default() -> Self {
@@ -51,6 +93,7 @@ impl Default for EnvoyOptions {
             endpoints: BTreeMap::new(),
             ca: None,
             extends: Vec::new(),
+            ratelimit: None,
         }
     }
 }
@@ -59,12 +102,15 @@ impl Default for EnvoyOptions {
 pub struct IstioOptions {
     /// Where Istio pulls the module from (`oci://...`, `https://...` or `file://...`).
     pub wasm_url: String,
+    /// `--ratelimit HOST:PORT`: the rate limit service, a service of the mesh.
+    pub ratelimit: Option<RateLimitService>,
 }
 
 impl Default for IstioOptions {
     fn default() -> Self {
         IstioOptions {
             wasm_url: "oci://ghcr.io/llm-filter/llm-filter:0.1.0".to_string(),
+            ratelimit: None,
         }
     }
 }
@@ -119,11 +165,17 @@ pub fn parse(argv: &[String]) -> Result<Command, String> {
                 "--endpoint",
                 "--ca",
                 "--extend",
+                RATE_LIMIT_FLAGS[0],
+                RATE_LIMIT_FLAGS[1],
             ];
             let (files, flags) = split(rest, &flags_taken)?;
-            let mut options = EnvoyOptions::default();
+            let mut options = EnvoyOptions {
+                ratelimit: rate_limit_service(&flags)?,
+                ..EnvoyOptions::default()
+            };
             for (flag, value) in &flags {
                 match flag.as_str() {
+                    "--ratelimit" | "--ratelimit-failure" => {}
                     "--wasm" => options.wasm = value.clone(),
                     "--listen" => options.listen = SocketAddr::parse(flag, value)?,
                     "--admin" => options.admin = SocketAddr::parse(flag, value)?,
@@ -144,20 +196,34 @@ pub fn parse(argv: &[String]) -> Result<Command, String> {
             })
         }
         ["render", "istio", rest @ ..] => {
-            let (files, flags) = split(rest, &["--wasm-url"])?;
-            let mut options = IstioOptions::default();
-            for (_, value) in flags {
-                options.wasm_url = value;
+            let (files, flags) = split(
+                rest,
+                &["--wasm-url", RATE_LIMIT_FLAGS[0], RATE_LIMIT_FLAGS[1]],
+            )?;
+            let mut options = IstioOptions {
+                ratelimit: rate_limit_service(&flags)?,
+                ..IstioOptions::default()
+            };
+            for (flag, value) in flags {
+                if flag == "--wasm-url" {
+                    options.wasm_url = value;
+                }
             }
             Ok(Command::RenderIstio {
                 files: need_files(files)?,
                 options,
             })
         }
+        ["render", "ratelimit", rest @ ..] => {
+            let (files, _) = split(rest, &[])?;
+            Ok(Command::RenderRateLimit {
+                files: need_files(files)?,
+            })
+        }
         ["render", other, ..] => Err(format!(
-            "render what? expected envoy or istio, got {other:?}"
+            "render what? expected envoy, istio or ratelimit, got {other:?}"
         )),
-        ["render"] => Err("render what? expected envoy or istio".to_string()),
+        ["render"] => Err("render what? expected envoy, istio or ratelimit".to_string()),
         [other, ..] => Err(format!("unknown command {other:?}")),
     }
 }
@@ -234,6 +300,60 @@ mod tests {
         assert_eq!(options.ca.as_deref(), Some("/tmp/ca.pem"));
         assert_eq!(options.wasm, "/x.wasm");
         assert_eq!(options.extends, vec![PathBuf::from("rbac.yaml")]);
+        assert_eq!(options.ratelimit, None);
+    }
+
+    #[test]
+    fn rate_limit_service_options() {
+        let Command::RenderEnvoy { options, .. } =
+            parse_words("render envoy a.yaml --ratelimit 127.0.0.1:8081").unwrap()
+        else {
+            panic!("not render envoy");
+        };
+        assert_eq!(
+            options.ratelimit,
+            Some(RateLimitService {
+                address: SocketAddr::new("127.0.0.1", 8081),
+                failure: Failure::Open,
+            })
+        );
+        let Command::RenderIstio { options, .. } = parse_words(
+            "render istio a.yaml --ratelimit-failure closed --ratelimit ratelimit.infra.svc.cluster.local:8081",
+        )
+        .unwrap() else {
+            panic!("not render istio");
+        };
+        let service = options.ratelimit.unwrap();
+        assert_eq!(service.address.address, "ratelimit.infra.svc.cluster.local");
+        assert_eq!(service.failure, Failure::Closed);
+        assert_eq!(
+            parse_words("render ratelimit a.yaml b.yaml").unwrap(),
+            Command::RenderRateLimit {
+                files: vec![PathBuf::from("a.yaml"), PathBuf::from("b.yaml")]
+            }
+        );
+        for (words, message) in [
+            (
+                "render envoy a.yaml --ratelimit-failure closed",
+                "--ratelimit-failure needs --ratelimit",
+            ),
+            (
+                "render envoy a.yaml --ratelimit x:1 --ratelimit-failure maybe",
+                "--ratelimit-failure: expected open or closed",
+            ),
+            (
+                "render istio a.yaml --ratelimit nowhere",
+                "--ratelimit: expected ADDR:PORT",
+            ),
+            ("render ratelimit", "no manifest files given"),
+            (
+                "render ratelimit a.yaml --ratelimit x:1",
+                "unknown option \"--ratelimit\"",
+            ),
+        ] {
+            let error = parse_words(words).unwrap_err();
+            assert!(error.starts_with(message), "{words}: {error}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use llm_filter::metadata;
 use serde_yaml::{Mapping, Value};
 
 use crate::args::{EnvoyOptions, SocketAddr};
+use crate::ratelimit;
 
 /// The system CA bundle (Debian/Ubuntu/Alpine path) that verifies providers by default.
 const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -69,7 +70,9 @@ pub fn render(
         .map(|path| Extend::load(path))
         .collect::<Result<Vec<_>, _>>()?;
     let providers = plan_providers(config, options)?;
-    check_names(&providers, &extends)?;
+    let budgets = ratelimit::plan(config);
+    ratelimit::require_service(&budgets, options.ratelimit.is_some(), "--ratelimit")?;
+    check_names(&providers, &extends, options.ratelimit.is_some())?;
     // The bootstrap lets the filter hold headers until the body is checked, so it asks for it.
     let mut embedded = config.clone();
     embedded.settings.forward_after_body = true;
@@ -91,11 +94,20 @@ pub fn render(
             .iter()
             .map(|f| aggregate_cluster(f, &upstream_filter, buffer_limit)),
     );
+    if let Some(service) = &options.ratelimit {
+        clusters.push(ratelimit::cluster(
+            &service.address.address,
+            service.address.port,
+        ));
+    }
     clusters.extend(extends.iter().flat_map(|e| e.clusters.iter().cloned()));
 
     let mut virtual_hosts: Vec<Value> = providers
         .iter()
-        .map(|p| provider_virtual_host(p, &fallbacks))
+        .map(|p| {
+            let limits = ratelimit::limits_for_provider(&budgets, &p.host);
+            provider_virtual_host(p, &fallbacks, ratelimit::per_filter_config(&limits))
+        })
         .collect();
     let mut catch_all = None;
     for extend in &extends {
@@ -118,6 +130,10 @@ pub fn render(
         &configuration,
         &config.api_key_env_names(),
     ));
+    // After the llm-filter, whose filter state says which budgets a request spends from.
+    if let Some(service) = &options.ratelimit {
+        http_filters.push(ratelimit::http_filter(ratelimit::CLUSTER, service.failure));
+    }
     http_filters.push(map([
         ("name", ROUTER.into()),
         (
@@ -139,6 +155,10 @@ pub fn render(
                         buffer_limit,
                         virtual_hosts,
                         http_filters,
+                        options
+                            .ratelimit
+                            .as_ref()
+                            .map(|_| ratelimit::local_reply_config()),
                     )]),
                 ),
                 ("clusters", Value::Sequence(clusters)),
@@ -357,8 +377,18 @@ pub(crate) fn plan_fallbacks(
 
 /// Cluster and virtual host names must be unique, and two virtual hosts may not claim one
 /// domain: Envoy would refuse the bootstrap with a less helpful message.
-fn check_names(providers: &[ProviderPlan], extends: &[Extend]) -> Result<(), String> {
+fn check_names(
+    providers: &[ProviderPlan],
+    extends: &[Extend],
+    ratelimit: bool,
+) -> Result<(), String> {
     let mut clusters: Vec<(String, String)> = Vec::new();
+    if ratelimit {
+        clusters.push((
+            ratelimit::CLUSTER.to_string(),
+            "the rate limit service (--ratelimit)".to_string(),
+        ));
+    }
     let mut virtual_hosts: Vec<(String, String)> = Vec::new();
     let mut domains: Vec<(String, String)> = Vec::new();
     for p in providers {
@@ -503,6 +533,7 @@ fn listener(
     buffer_limit: u64,
     virtual_hosts: Vec<Value>,
     http_filters: Vec<Value>,
+    local_reply_config: Option<Value>,
 ) -> Value {
     let access_log = map([
         ("name", "envoy.access_loggers.stdout".into()),
@@ -520,7 +551,7 @@ fn listener(
             ),
         ),
     ]);
-    let hcm = typed(
+    let mut hcm = typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         [
             ("stat_prefix", LISTENER.into()),
@@ -535,6 +566,9 @@ fn listener(
             ("http_filters", Value::Sequence(http_filters)),
         ],
     );
+    if let (Some(replies), Value::Mapping(m)) = (local_reply_config, &mut hcm) {
+        m.insert("local_reply_config".into(), replies);
+    }
     map([
         ("name", LISTENER.into()),
         ("address", socket_address(listen)),
@@ -678,8 +712,13 @@ fn key_file_secret(p: &ProviderPlan) -> Option<Value> {
 
 /// After the filter has set `:authority` to a provider host (or a `hostRewrite` of it),
 /// Envoy re-selects the route and lands here. A request of a rule with fallback carries
-/// `x-llm-fallback` and goes to the rule's aggregate cluster instead.
-fn provider_virtual_host(p: &ProviderPlan, fallbacks: &[FallbackPlan]) -> Value {
+/// `x-llm-fallback` and goes to the rule's aggregate cluster instead. `per_filter`: the rate
+/// limit entries of the budgets whose requests come here, on every route.
+fn provider_virtual_host(
+    p: &ProviderPlan,
+    fallbacks: &[FallbackPlan],
+    per_filter: Option<Value>,
+) -> Value {
     let domains: Vec<String> = p
         .authorities
         .iter()
@@ -702,6 +741,13 @@ fn provider_virtual_host(p: &ProviderPlan, fallbacks: &[FallbackPlan]) -> Value 
             ]),
         ),
     ]));
+    if let Some(per_filter) = per_filter {
+        for route in &mut routes {
+            if let Value::Mapping(m) = route {
+                m.insert("typed_per_filter_config".into(), per_filter.clone());
+            }
+        }
+    }
     map([
         ("name", p.name.as_str().into()),
         ("domains", strings(&domains)),
@@ -1137,6 +1183,12 @@ fn header(
     if let Some(ca) = &options.ca {
         command.push(format!("--ca {ca}"));
     }
+    if let Some(service) = &options.ratelimit {
+        command.push(format!("--ratelimit {}", addr(&service.address)));
+        if service.failure == ratelimit::Failure::Closed {
+            command.push("--ratelimit-failure closed".to_string());
+        }
+    }
 
     let list = |paths: Vec<String>| paths.join(", ");
     let mut out = format!(
@@ -1191,6 +1243,19 @@ fn header(
     } else {
         "#   any other host -> 404 (this Envoy serves nothing else)\n"
     });
+    if let Some(service) = &options.ratelimit {
+        out.push_str(&format!(
+            "# Budgets (LLMRoute rules' limits): Envoy's rate limit filter, after the llm-filter,\n\
+             # asks the rate limit service at {} (cluster {}; configure it with `llm-filter render\n\
+             # ratelimit`) and {} when it cannot answer.\n",
+            addr(&service.address),
+            ratelimit::CLUSTER,
+            match service.failure {
+                ratelimit::Failure::Open => "lets requests through uncounted",
+                ratelimit::Failure::Closed => "refuses requests (503)",
+            }
+        ));
+    }
     out.push_str(&format!(
         "# Admin interface: {}. Envoy opens the wasm module at\n\
          #   {}\n\

@@ -1171,6 +1171,7 @@ spec:
         );
         let empty_url = IstioOptions {
             wasm_url: " ".to_string(),
+            ..IstioOptions::default()
         };
         assert!(render(&FilterConfig::default(), &empty_url).is_err());
     }

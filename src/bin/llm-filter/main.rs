@@ -6,7 +6,10 @@
 //! llm-filter check FILE...
 //! llm-filter render envoy FILE... [--wasm PATH] [--listen ADDR:PORT] [--admin ADDR:PORT]
 //!                                 [--endpoint HOST=ADDR:PORT]... [--ca FILE] [--extend FILE]...
+//!                                 [--ratelimit ADDR:PORT [--ratelimit-failure open|closed]]
 //! llm-filter render istio FILE... [--wasm-url URL]
+//!                                 [--ratelimit HOST:PORT [--ratelimit-failure open|closed]]
+//! llm-filter render ratelimit FILE...
 //! llm-filter crds
 //! ```
 //!
@@ -26,6 +29,8 @@ mod envoy;
 mod input;
 #[cfg(not(target_arch = "wasm32"))]
 mod istio;
+#[cfg(not(target_arch = "wasm32"))]
+mod ratelimit;
 
 #[cfg(not(target_arch = "wasm32"))]
 fn main() -> std::process::ExitCode {
@@ -86,6 +91,12 @@ fn run(argv: &[String]) -> Result<String, Failure> {
         args::Command::RenderIstio { files, options } => {
             let loaded = input::load_for_render(&files).map_err(Failure::Errors)?;
             istio::render(&loaded.config, &options).map_err(|e| Failure::Errors(vec![e]))
+        }
+        args::Command::RenderRateLimit { files } => {
+            // No API keys in this output: `${NAME}` need not be set.
+            let loaded = input::load(&files).map_err(Failure::Errors)?;
+            loaded.validate().map_err(Failure::Errors)?;
+            ratelimit::render(&loaded.config, &files).map_err(|e| Failure::Errors(vec![e]))
         }
     }
 }
