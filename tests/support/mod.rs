@@ -14,6 +14,7 @@ pub mod fallback;
 pub mod jwt;
 pub mod mock;
 pub mod patch;
+pub mod ratelimit;
 
 use client::{Req, Resp};
 use mock::{MockServer, TestPki};
@@ -238,6 +239,16 @@ pub fn render_envoy(
     manifests: &str,
     endpoints: &[(&str, std::net::SocketAddr)],
 ) -> String {
+    render_envoy_with(label, manifests, endpoints, &[])
+}
+
+/// [`render_envoy`] with more arguments (`--extend FILE`, `--ratelimit ADDR:PORT`, ...).
+pub fn render_envoy_with(
+    label: &str,
+    manifests: &str,
+    endpoints: &[(&str, std::net::SocketAddr)],
+    extra: &[&str],
+) -> String {
     let dir = envoy::temp_dir(label);
     let file = dir.join("llm.yaml");
     std::fs::write(&file, manifests).expect("write the manifests");
@@ -256,6 +267,7 @@ pub fn render_envoy(
                 .iter()
                 .flat_map(|(host, addr)| ["--endpoint".to_string(), format!("{host}={addr}")]),
         )
+        .args(extra)
         .output()
         .expect("run llm-filter");
     assert!(

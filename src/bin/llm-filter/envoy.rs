@@ -1758,6 +1758,78 @@ spec:
     }
 
     #[test]
+    fn budgets_get_the_rate_limit_filter_after_the_llm_filter_and_entries_on_their_routes() {
+        let text = crate::ratelimit::tests::BUDGETS.replace(
+            "    backendRefs: [{providerHost: dashscope.aliyuncs.com, hostRewrite: qwen.internal}]\n",
+            "    backendRefs: [{providerHost: dashscope.aliyuncs.com, hostRewrite: qwen.internal}]\n    fallback: {providers: [api.moonshot.cn]}\n",
+        );
+        let error = render(&config(&text), &EnvoyOptions::default(), &files()).unwrap_err();
+        assert!(error.contains("pass --ratelimit ADDR:PORT"), "{error}");
+        let options = EnvoyOptions {
+            ratelimit: Some(crate::args::RateLimitService {
+                address: SocketAddr::new("127.0.0.1", 8081),
+                failure: ratelimit::Failure::Closed,
+            }),
+            ..EnvoyOptions::default()
+        };
+        let yaml = render(&config(&text), &options, &files()).unwrap();
+        assert!(
+            yaml.contains(" --ratelimit 127.0.0.1:8081 --ratelimit-failure closed\n"),
+            "{yaml}"
+        );
+        let doc: Value = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(
+            filter_names(&doc),
+            [WASM_FILTER, "envoy.filters.http.ratelimit", ROUTER]
+        );
+        let rl = cluster(&doc, ratelimit::CLUSTER);
+        assert_eq!(rl["type"], "STATIC");
+        assert!(rl["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+            ["http2_protocol_options"]
+            .is_mapping());
+        assert_eq!(
+            hcm(&doc)["local_reply_config"]["mappers"][1]["filter"]["response_flag_filter"]
+                ["flags"][0],
+            "RLSE"
+        );
+        let vhosts = hcm(&doc)["route_config"]["virtual_hosts"]
+            .as_sequence()
+            .unwrap();
+        let dashscope = vhosts
+            .iter()
+            .find(|v| v["name"] == "dashscope-qwen")
+            .unwrap();
+        let routes = dashscope["routes"].as_sequence().unwrap();
+        // The fallback route and the provider's own: both carry the limited rule's entries.
+        assert_eq!(routes.len(), 2);
+        for route in routes {
+            let entries = route["typed_per_filter_config"]["envoy.filters.http.ratelimit"]
+                ["rate_limits"]
+                .as_sequence()
+                .unwrap();
+            assert_eq!(entries.len(), 3);
+        }
+        let moonshot = vhosts.iter().find(|v| v["name"] == "moonshot").unwrap();
+        assert!(moonshot["routes"][0]
+            .get("typed_per_filter_config")
+            .is_none());
+        let extend = write_extend(
+            "rl.yaml",
+            "clusters:\n- name: llm-ratelimit\n  type: STATIC\n",
+        );
+        let clash = EnvoyOptions {
+            extends: vec![extend],
+            ..options
+        };
+        let error = render(&config(&text), &clash, &files()).unwrap_err();
+        assert!(
+            error.contains("the name \"llm-ratelimit\" is already taken by the rate limit service"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn without_fallback_nothing_changes_and_key_files_are_refused_in_one() {
         let yaml = render(&config(MESH), &EnvoyOptions::default(), &files()).unwrap();
         for absent in [
@@ -1765,6 +1837,8 @@ spec:
             UPSTREAM_ROOT_ID,
             "filter_metadata",
             "retry_policy",
+            "ratelimit",
+            "local_reply_config",
         ] {
             assert!(!yaml.contains(absent), "{absent}: {yaml}");
         }

@@ -451,7 +451,7 @@ pub fn render(config: &FilterConfig, files: &[PathBuf]) -> Result<String, String
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use llm_filter::policy::Policy;
 
