@@ -133,9 +133,9 @@ fn reported_tokens(resp: &Resp) -> u64 {
         return resp
             .sse_events()
             .iter()
+            .rev()
             .filter_map(|(_, data)| serde_json::from_str::<serde_json::Value>(data).ok())
-            .filter_map(|j| j["usage"]["total_tokens"].as_u64())
-            .last()
+            .find_map(|j| j["usage"]["total_tokens"].as_u64())
             .expect("a usage event");
     }
     resp.json()["usage"]["total_tokens"]
