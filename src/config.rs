@@ -311,6 +311,14 @@ pub fn fallback_key(namespace: &str, name: &str, rule: usize) -> String {
 /// The request header that carries `fallback_key`.
 pub const FALLBACK_HEADER: &str = "x-llm-fallback";
 
+/// The filter state the filter sets, before Envoy picks the route, to the `metadata.name` of
+/// the provider it rewrote the request for. Envoy's wasm host stores it as
+/// `PROVIDER_STATE_IN_ENVOY`; `llm-filter render envoy`'s provider routes require it, so no
+/// request the filter did not rewrite reaches a provider's cluster.
+pub const PROVIDER_STATE: &str = "llm.provider";
+/// `PROVIDER_STATE` as Envoy names it (route `filter_state` matches, access logs).
+pub const PROVIDER_STATE_IN_ENVOY: &str = "wasm.llm.provider";
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchConfig {
@@ -367,6 +375,16 @@ pub struct Settings {
         skip_serializing_if = "is_default_hold_timeout"
     )]
     pub hold_timeout_ms: u64,
+    /// Clients may call an `LLMProvider`'s own host (its `defaultConfig`). `false` on an ingress
+    /// gateway, which serves providers only through the `LLMRoute` hosts bound to it: there a
+    /// provider host is answered 404, so no authorization written for the route hosts can be
+    /// side-stepped by naming the provider. `llm-filter render` sets it for gateways.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub direct_provider_calls: bool,
+}
+
+fn is_yes(value: &bool) -> bool {
+    *value
 }
 
 fn default_hold_timeout_ms() -> u64 {
@@ -395,6 +413,7 @@ impl Default for Settings {
             request_stream_usage: true,
             forward_after_body: false,
             hold_timeout_ms: DEFAULT_HOLD_TIMEOUT_MS,
+            direct_provider_calls: true,
         }
     }
 }

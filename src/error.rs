@@ -77,6 +77,21 @@ pub enum RequestError {
     DuplicateKey,
     BodyTooLarge,
     RouteNotFound,
+    /// The `:authority` names an LLM host, but not as `host` or `host:port` (a trailing dot,
+    /// user info, a port that is not a number up to 65535, several hosts): the authorization in
+    /// front of the filter may not recognise it, so it is not served.
+    InvalidHost,
+    /// Not `POST` (a chat request) or `GET`/`HEAD` of the model list.
+    MethodNotAllowed,
+    /// A provider's own host on a proxy that serves providers only through `LLMRoute` hosts
+    /// (`settings.directProviderCalls: false`, an ingress gateway).
+    ProviderHostNotServed,
+    /// The filter held the headers for the body, and the client sent none within
+    /// `settings.holdTimeoutMs`.
+    BodyTimeout,
+    /// A fallback attempt whose endpoint does not say which provider it is (or names one that
+    /// is not the rule's): refused rather than sent with another provider's key.
+    AttemptProviderUnknown,
     /// A route matches on the body's `model`, but this Envoy lets the headers go before the
     /// body is read (no `settings.forwardAfterBody` / `allow_on_headers_stop_iteration`).
     ModelRoutingUnavailable,
@@ -89,8 +104,11 @@ impl RequestError {
     pub fn status(self) -> u32 {
         match self {
             RequestError::BodyTooLarge => 413,
-            RequestError::RouteNotFound => 404,
+            RequestError::RouteNotFound | RequestError::ProviderHostNotServed => 404,
+            RequestError::MethodNotAllowed => 405,
+            RequestError::BodyTimeout => 408,
             RequestError::ModelRoutingUnavailable | RequestError::BodyNotDelivered => 500,
+            RequestError::AttemptProviderUnknown => 503,
             _ => 400,
         }
     }
@@ -106,7 +124,11 @@ impl RequestError {
             RequestError::InvalidStream => "invalid_stream",
             RequestError::DuplicateKey => "duplicate_key",
             RequestError::BodyTooLarge => "body_too_large",
-            RequestError::RouteNotFound => "route_not_found",
+            RequestError::RouteNotFound | RequestError::ProviderHostNotServed => "route_not_found",
+            RequestError::InvalidHost => "invalid_host",
+            RequestError::MethodNotAllowed => "method_not_allowed",
+            RequestError::BodyTimeout => "request_timeout",
+            RequestError::AttemptProviderUnknown => "provider_unknown",
             RequestError::ModelRoutingUnavailable => "model_routing_unavailable",
             RequestError::BodyNotDelivered => "body_not_delivered",
         }
@@ -128,6 +150,21 @@ impl RequestError {
             }
             RequestError::BodyTooLarge => "The request body is larger than this gateway accepts.",
             RequestError::RouteNotFound => "No LLMRoute rule matches this request for this host.",
+            RequestError::InvalidHost => {
+                "The Host header names an LLM host in a form this gateway does not serve; send \
+                 host or host:port."
+            }
+            RequestError::MethodNotAllowed => {
+                "Use POST for chat completions, or GET for the model list (/v1/models)."
+            }
+            RequestError::ProviderHostNotServed => {
+                "This gateway serves LLM providers only through its LLMRoute hosts."
+            }
+            RequestError::BodyTimeout => "The request body did not arrive in time.",
+            RequestError::AttemptProviderUnknown => {
+                "The gateway could not tell which provider a fallback attempt goes to, so it \
+                 did not send it."
+            }
             RequestError::ModelRoutingUnavailable => {
                 "This route matches on the request's model, which needs the body before routing: \
                  the gateway's Envoy must set allow_on_headers_stop_iteration: true on the wasm \
@@ -145,10 +182,18 @@ impl RequestError {
     /// OpenAI's error type: the client's mistake, or the gateway's.
     pub fn kind(self) -> &'static str {
         match self {
-            RequestError::ModelRoutingUnavailable | RequestError::BodyNotDelivered => {
-                "server_error"
-            }
+            RequestError::ModelRoutingUnavailable
+            | RequestError::BodyNotDelivered
+            | RequestError::AttemptProviderUnknown => "server_error",
             _ => "invalid_request_error",
+        }
+    }
+
+    /// Headers of the local reply besides `content-type`: a 405 says what is allowed.
+    pub fn extra_headers(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            RequestError::MethodNotAllowed => &[("allow", "POST, GET, HEAD")],
+            _ => &[],
         }
     }
 
@@ -171,7 +216,7 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    const ALL: [RequestError; 12] = [
+    const ALL: [RequestError; 17] = [
         RequestError::EmptyBody,
         RequestError::InvalidJson,
         RequestError::NotAnObject,
@@ -184,6 +229,11 @@ mod tests {
         RequestError::RouteNotFound,
         RequestError::ModelRoutingUnavailable,
         RequestError::BodyNotDelivered,
+        RequestError::InvalidHost,
+        RequestError::MethodNotAllowed,
+        RequestError::ProviderHostNotServed,
+        RequestError::BodyTimeout,
+        RequestError::AttemptProviderUnknown,
     ];
 
     #[test]
@@ -203,6 +253,16 @@ mod tests {
         assert_eq!(RequestError::InvalidJson.status(), 400);
         assert_eq!(RequestError::ModelRoutingUnavailable.status(), 500);
         assert_eq!(RequestError::ModelRoutingUnavailable.kind(), "server_error");
+        assert_eq!(RequestError::InvalidHost.status(), 400);
+        assert_eq!(RequestError::MethodNotAllowed.status(), 405);
+        assert_eq!(
+            RequestError::MethodNotAllowed.extra_headers(),
+            &[("allow", "POST, GET, HEAD")]
+        );
+        assert_eq!(RequestError::BodyTimeout.status(), 408);
+        assert_eq!(RequestError::BodyTimeout.kind(), "invalid_request_error");
+        assert_eq!(RequestError::AttemptProviderUnknown.status(), 503);
+        assert_eq!(RequestError::AttemptProviderUnknown.kind(), "server_error");
     }
 
     #[test]

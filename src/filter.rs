@@ -20,8 +20,9 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::balancer::SplitMix64;
-use crate::config::FALLBACK_HEADER;
+use crate::config::{FALLBACK_HEADER, PROVIDER_STATE};
 use crate::error::RequestError;
+use crate::hold::{header_bytes, held_verdict, hold_timer, ticks_per_minute, Held, HeldVerdict};
 use crate::limits;
 use crate::metadata;
 use crate::metrics::{series, status_class, Metric};
@@ -55,30 +56,19 @@ struct LlmRoot {
     upstream: bool,
     rng: Rc<RefCell<SplitMix64>>,
     metrics: Rc<Metrics>,
-    /// The missing-Envoy-setting error for model routing has been logged (once per VM).
-    model_routing_warned: Rc<Cell<bool>>,
     waiting: Rc<Waiting>,
 }
 
-/// Requests whose headers the filter holds and for which Envoy has delivered no body yet. If
-/// Envoy lacks `allow_on_headers_stop_iteration`, it never will: the root's timer answers them
-/// with a 500 that names the setting, instead of letting them hang.
+/// Requests whose headers the filter holds and for which Envoy has delivered no body yet,
+/// watched by the root's timer (see `hold` for what it decides).
 #[derive(Default)]
 struct Waiting {
     /// Timer ticks since the configuration was loaded.
     ticks: Cell<u64>,
-    /// Context id → tick at which its headers were held.
-    since: RefCell<HashMap<u32, u64>>,
-    warned: Cell<bool>,
-}
-
-/// How often the root checks `Waiting`, and after how many ticks a request has waited too long.
-fn hold_timer(hold_timeout_ms: u64) -> (std::time::Duration, u64) {
-    let period_ms = (hold_timeout_ms / 4).clamp(50, 1000);
-    (
-        std::time::Duration::from_millis(period_ms),
-        hold_timeout_ms.div_ceil(period_ms).max(1),
-    )
+    /// Context id → the request while its headers wait.
+    since: RefCell<HashMap<u32, Held>>,
+    /// Tick of the last missing-setting error line (at most one a minute).
+    warned_at: Cell<Option<u64>>,
 }
 
 impl Default for LlmRoot {
@@ -88,7 +78,6 @@ impl Default for LlmRoot {
             upstream: false,
             rng: Rc::new(RefCell::new(SplitMix64::new(0))),
             metrics: Rc::new(Metrics::default()),
-            model_routing_warned: Rc::new(Cell::new(false)),
             waiting: Rc::new(Waiting::default()),
         }
     }
@@ -244,6 +233,14 @@ impl RootContext for LlmRoot {
                     return true;
                 }
                 info!("llm-filter: configuration accepted");
+                if policy.routes_by_model() && !policy.forward_after_body {
+                    error!(
+                        "llm-filter: a route matches on the request's model, but the headers \
+                         cannot wait for the body: set allow_on_headers_stop_iteration: true on \
+                         the wasm filter and settings.forwardAfterBody: true (llm-filter render \
+                         envoy sets both); such requests get a 500 until then"
+                    );
+                }
                 if policy.forward_after_body {
                     let (period, _) = hold_timer(policy.hold_timeout_ms);
                     if let Err(status) = hostcalls::set_tick_period(period) {
@@ -276,7 +273,6 @@ impl RootContext for LlmRoot {
             policy,
             rng: Rc::clone(&self.rng),
             metrics: Rc::clone(&self.metrics),
-            model_routing_warned: Rc::clone(&self.model_routing_warned),
             waiting: Rc::clone(&self.waiting),
             state: State::PassThrough,
             budget: None,
@@ -291,39 +287,70 @@ impl RootContext for LlmRoot {
         let Some(policy) = &self.policy else {
             return;
         };
-        let (_, limit) = hold_timer(policy.hold_timeout_ms);
+        let (period, limit) = hold_timer(policy.hold_timeout_ms);
         let waiting = &self.waiting;
         let now = waiting.ticks.get() + 1;
         waiting.ticks.set(now);
-        let expired: Vec<u32> = waiting
+        if waiting.since.borrow().is_empty() {
+            return;
+        }
+        let held: Vec<(u32, Held)> = waiting
             .since
             .borrow()
             .iter()
-            .filter(|(_, since)| now.saturating_sub(**since) >= limit)
-            .map(|(id, _)| *id)
+            .filter(|(_, h)| now.saturating_sub(h.tick) >= 2)
+            .map(|(id, h)| (*id, *h))
             .collect();
-        for id in expired {
-            waiting.since.borrow_mut().remove(&id);
-            if !waiting.warned.replace(true) {
-                error!(
-                    "llm-filter: Envoy delivered no request body while the filter held the \
-                     headers (settings.forwardAfterBody): set allow_on_headers_stop_iteration: \
-                     true on the wasm filter; such requests get a 500"
-                );
+        for (id, held) in held {
+            if hostcalls::set_effective_context(id).is_err() {
+                waiting.since.borrow_mut().remove(&id);
+                continue;
             }
-            let error = RequestError::BodyNotDelivered;
-            let answered = hostcalls::set_effective_context(id).and_then(|()| {
-                hostcalls::send_http_response(
-                    error.status(),
-                    vec![("content-type", "application/json")],
-                    Some(error.body().as_bytes()),
-                )
-            });
-            if let Err(status) = answered {
+            let received = request_total_size().map(|n| n.saturating_sub(held.header_bytes));
+            let error = match held_verdict(held, now, limit, received) {
+                HeldVerdict::Wait => continue,
+                HeldVerdict::NotDelivered => {
+                    let minute = ticks_per_minute(period);
+                    let due = waiting
+                        .warned_at
+                        .get()
+                        .is_none_or(|at| now.saturating_sub(at) >= minute);
+                    if due {
+                        waiting.warned_at.set(Some(now));
+                        error!(
+                            "llm-filter: Envoy received a request body but did not hand it to \
+                             the filter while it held the headers (settings.forwardAfterBody): \
+                             set allow_on_headers_stop_iteration: true on the wasm filter; such \
+                             requests get a 500"
+                        );
+                    }
+                    RequestError::BodyNotDelivered
+                }
+                HeldVerdict::TimedOut => {
+                    debug!("#{id} llm-filter: no request body within the hold timeout");
+                    RequestError::BodyTimeout
+                }
+            };
+            waiting.since.borrow_mut().remove(&id);
+            if let Err(status) = hostcalls::send_http_response(
+                error.status(),
+                vec![("content-type", "application/json")],
+                Some(error.body().as_bytes()),
+            ) {
                 debug!("#{id} llm-filter: cannot answer a held request: {status:?}");
             }
         }
     }
+}
+
+/// Envoy's `request.total_size` for the current request: its headers' size plus the body
+/// bytes received so far.
+fn request_total_size() -> Option<u64> {
+    let bytes = hostcalls::get_property(vec!["request", "total_size"]).ok()??;
+    <[u8; 8]>::try_from(bytes.as_slice())
+        .ok()
+        .map(i64::from_le_bytes)
+        .and_then(|n| u64::try_from(n).ok())
 }
 
 /// A seed from the host's randomness (WASI `random_get`, through std's hasher keys) and clock.
@@ -402,6 +429,15 @@ fn headers_for(call: &ProviderCall, headers: &Headers) -> Headers {
     after
 }
 
+/// Filter state `llm.provider`: the provider the request was rewritten for. Besides naming it
+/// in the access log, it is what `render envoy`'s provider routes require (a route
+/// `filter_state` match), so Envoy sends only requests this filter rewrote to a provider's
+/// cluster, whatever their `:authority` says. Set before the headers go on: Envoy picks the
+/// route then.
+fn mark_routed(call: &ProviderCall) {
+    set_filter_state(PROVIDER_STATE, call.provider.as_bytes());
+}
+
 /// Filter state `llm.fallback` for the upstream part: `<rule key> <chosen provider host>`,
 /// then, once the body is known and its model was replaced, a line with the client's model
 /// (`CLIENT_MODEL_LINE`). One host call per request: with held headers the first attempt
@@ -465,7 +501,7 @@ fn record_attempts(policy: &Policy, upstream: &mut Upstream, key: &[u8], headers
             .filter(|p| *p != call.provider)
             .collect();
         attempts.push(&call.provider);
-        set_filter_state("llm.provider", call.provider.as_bytes());
+        set_filter_state(PROVIDER_STATE, call.provider.as_bytes());
         set_filter_state("llm.attempts", attempts.join(",").as_bytes());
         if !Rc::ptr_eq(call, &upstream.call) {
             // Another provider answered: its configured model is the one it was sent (a
@@ -512,54 +548,55 @@ struct Attempt {
 impl AttemptHttp {
     /// The call for this attempt: the request's rule (filter state `llm.fallback`, set by the
     /// downstream part) and the endpoint's provider. `Ok(None)`: the attempt goes to the
-    /// provider the downstream part chose and rewrote for (the first attempt); `Err`: the
-    /// request is not one with fallback, or the attempt cannot be placed.
-    fn attempt_call(&self) -> Result<Option<Attempt>, ()> {
+    /// provider the downstream part chose and rewrote for (the first attempt). `Err`: why the
+    /// attempt cannot be placed (no rule marked by the downstream part, an endpoint that does not
+    /// name its provider, or names one that is not the rule's); it is refused, never sent with
+    /// another provider's key, path and model.
+    fn attempt_call(&self) -> Result<Option<Attempt>, String> {
         let marker = hostcalls::get_property(vec!["llm.fallback"])
             .ok()
             .flatten()
-            .ok_or(())?;
+            .ok_or("the request reached a fallback cluster without the filter's mark")?;
         let (marker, client_model) = match marker.iter().position(|&b| b == CLIENT_MODEL_LINE) {
             Some(i) => (&marker[..i], Some(marker[i + 1..].to_vec())),
             None => (&marker[..], None),
         };
-        let marker = std::str::from_utf8(marker).map_err(|_| ())?;
+        let marker = std::str::from_utf8(marker).map_err(|_| "the filter's mark is not text")?;
         let (key, chosen) = policy::split_fallback(marker);
-        let bytes = hostcalls::get_property(vec!["xds", "upstream_host_metadata"])
+        let host = hostcalls::get_property(vec!["xds", "upstream_host_metadata"])
             .ok()
             .flatten()
-            .ok_or(())?;
-        let Some(host) =
-            metadata::filter_metadata_string(&bytes, metadata::NAMESPACE, metadata::PROVIDER_KEY)
-        else {
-            warn!(
-                "#{} llm-filter: the endpoint has no filter_metadata.llm.provider: the attempt \
-                 goes out unchanged",
-                self.context_id
-            );
-            return Err(());
-        };
+            .and_then(|bytes| {
+                metadata::filter_metadata_string(
+                    &bytes,
+                    metadata::NAMESPACE,
+                    metadata::PROVIDER_KEY,
+                )
+                .map(<[u8]>::to_vec)
+            })
+            .ok_or_else(|| {
+                format!(
+                    "the endpoint chosen for rule {key:?} has no filter_metadata.llm.provider \
+                     (each fallback provider's endpoint must name its provider host)"
+                )
+            })?;
         if host == chosen.as_bytes() {
             return Ok(None);
         }
-        let call = self.policy.attempt_call(key.as_bytes(), host);
-        if call.is_none() {
-            warn!(
-                "#{} llm-filter: provider {:?} is not one of rule {:?}'s: the attempt goes out \
-                 unchanged",
-                self.context_id,
-                String::from_utf8_lossy(host),
-                key
-            );
-        }
-        call.map(|call| {
-            Some(Attempt {
-                call: Rc::clone(call),
-                host: host.to_vec(),
-                client_model,
-            })
-        })
-        .ok_or(())
+        let call = self
+            .policy
+            .attempt_call(key.as_bytes(), &host)
+            .ok_or_else(|| {
+                format!(
+                    "the endpoint names provider {:?}, which is not one of rule {key:?}'s",
+                    String::from_utf8_lossy(&host)
+                )
+            })?;
+        Ok(Some(Attempt {
+            call: Rc::clone(call),
+            host,
+            client_model,
+        }))
     }
 }
 
@@ -572,7 +609,24 @@ impl HttpContext for AttemptHttp {
             // The attempt goes where the downstream part rewrote it for (Envoy's route has
             // dropped the marker).
             Ok(None) => return Action::Continue,
-            Err(()) => return Action::Continue,
+            Err(reason) => {
+                error!(
+                    "#{} llm-filter: fallback attempt refused (503): {reason}",
+                    self.context_id
+                );
+                let error = RequestError::AttemptProviderUnknown;
+                if let Err(status) = hostcalls::send_http_response(
+                    error.status(),
+                    vec![("content-type", "application/json")],
+                    Some(error.body().as_bytes()),
+                ) {
+                    error!(
+                        "#{} llm-filter: cannot refuse the attempt: {status:?}",
+                        self.context_id
+                    );
+                }
+                return Action::Pause;
+            }
         };
         match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
             Ok(headers) => {
@@ -747,7 +801,6 @@ struct LlmHttp {
     policy: Rc<Policy>,
     rng: Rc<RefCell<SplitMix64>>,
     metrics: Rc<Metrics>,
-    model_routing_warned: Rc<Cell<bool>>,
     waiting: Rc<Waiting>,
     state: State,
     /// The request was put into its rule's budgets (`limits`): see `Budget`.
@@ -814,11 +867,11 @@ impl LlmHttp {
         );
         self.state = State::PassThrough;
         let body = error.body();
-        if let Err(status) = hostcalls::send_http_response(
-            error.status(),
-            vec![("content-type", "application/json")],
-            Some(body.as_bytes()),
-        ) {
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend_from_slice(error.extra_headers());
+        if let Err(status) =
+            hostcalls::send_http_response(error.status(), headers, Some(body.as_bytes()))
+        {
             error!(
                 "#{} llm-filter: cannot send local reply: {status:?}",
                 self.context_id
@@ -884,6 +937,7 @@ impl LlmHttp {
                 set_filter_state("llm.client_model", client);
             }
         }
+        let routed_at_header_time = held.is_none();
         if let Some(held) = &held {
             self.budget = mark_budget(&call, &held.before);
         }
@@ -907,7 +961,9 @@ impl LlmHttp {
                 );
             }
         }
-        set_filter_state("llm.provider", call.provider.as_bytes());
+        if !routed_at_header_time {
+            mark_routed(&call);
+        }
         if !call.rule.is_empty() {
             set_filter_state("llm.rule", call.rule.as_bytes());
         }
@@ -975,12 +1031,15 @@ impl LlmHttp {
     }
 
     /// The headers wait for the body: watched by the root's timer until a body arrives.
-    fn hold(&self) {
-        let tick = self.waiting.ticks.get();
+    fn hold(&self, headers: &Headers) {
+        let held = Held {
+            tick: self.waiting.ticks.get(),
+            header_bytes: header_bytes(headers),
+        };
         self.waiting
             .since
             .borrow_mut()
-            .insert(self.context_id, tick);
+            .insert(self.context_id, held);
     }
 
     fn release(&self) {
@@ -1037,36 +1096,31 @@ impl HttpContext for LlmHttp {
                         before: headers,
                         after,
                     };
+                    self.hold(&held.before);
                     self.state = State::Buffering(Pending::Routed {
                         call,
                         held: Some(held),
                     });
-                    self.hold();
                     return Action::Pause;
                 }
                 write_request_headers(self.context_id, &headers, &after);
-                // Envoy's rate limit filter runs next, before the body is read.
+                // Envoy picks the route as soon as the headers go on, and a provider's route
+                // requires this mark (see `mark_routed`); the first attempt may start before the
+                // body is read. Envoy's rate limit filter runs next, before the body is read.
+                mark_routed(&call);
                 self.budget = mark_budget(&call, &headers);
-                // The first attempt may start before the body is read.
                 mark_fallback(&call, None);
                 self.state = State::Buffering(Pending::Routed { call, held: None });
                 Action::Continue
             }
+            // The configuration's error line said so when it loaded.
             Decision::NeedsModel if !self.policy.forward_after_body => {
-                if !self.model_routing_warned.replace(true) {
-                    error!(
-                        "llm-filter: a route matches on the request's model, but the headers \
-                         cannot wait for the body: set allow_on_headers_stop_iteration: true on \
-                         the wasm filter and settings.forwardAfterBody: true (llm-filter render \
-                         envoy sets both); such requests get a 500 until then"
-                    );
-                }
                 self.reject(RequestError::ModelRoutingUnavailable)
             }
             Decision::NeedsModel if end_of_stream => self.reject(RequestError::EmptyBody),
             Decision::NeedsModel => {
+                self.hold(&headers);
                 self.state = State::Buffering(Pending::Unrouted { headers });
-                self.hold();
                 Action::Pause
             }
             Decision::Models(list) => {

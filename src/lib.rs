@@ -7,6 +7,7 @@
 pub mod balancer;
 pub mod config;
 pub mod error;
+pub mod hold;
 pub mod limits;
 pub mod matcher;
 pub mod metadata;

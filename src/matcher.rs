@@ -56,12 +56,16 @@ impl HeaderConditions {
             (Some(m), Some(model)) => m.matches(model),
             (Some(_), None) => false,
         };
-        model_ok
-            && self.conditions.iter().all(|(name, m)| {
-                headers
-                    .iter()
-                    .any(|(key, value)| key == name && m.matches(value))
-            })
+        model_ok && self.matches_headers(headers)
+    }
+
+    /// True when every header condition holds (the model condition, if any, is not looked at).
+    pub fn matches_headers(&self, headers: &[(String, Vec<u8>)]) -> bool {
+        self.conditions.iter().all(|(name, m)| {
+            headers
+                .iter()
+                .any(|(key, value)| key == name && m.matches(value))
+        })
     }
 }
 

@@ -97,6 +97,22 @@ impl RulePolicy {
     fn matches(&self, headers: &[(String, Vec<u8>)], model: Option<&[u8]>) -> bool {
         self.matches.is_empty() || self.matches.iter().any(|m| m.matches(headers, model))
     }
+
+    /// Whether a request with these headers can reach this rule (`Some`), and if so whether
+    /// every such request does, whatever its model (`Some(true)`: later rules are out of reach).
+    fn reach(&self, headers: &[(String, Vec<u8>)]) -> Option<bool> {
+        if self.matches.is_empty() {
+            return Some(true);
+        }
+        let mut reached = None;
+        for entry in self.matches.iter().filter(|m| m.matches_headers(headers)) {
+            if entry.model.is_none() {
+                return Some(true);
+            }
+            reached = Some(false);
+        }
+        reached
+    }
 }
 
 #[derive(Debug)]
@@ -106,17 +122,32 @@ enum HostTarget {
 }
 
 impl HostTarget {
-    fn calls(&self) -> Vec<&Rc<ProviderCall>> {
-        match self {
-            HostTarget::Route(rules) => rules.iter().flat_map(|r| r.backends.iter()).collect(),
-            HostTarget::Provider(call) => vec![call],
+    /// The calls a request with these headers can reach: a route's rules in order, up to the
+    /// first one every such request matches.
+    fn reachable_calls(&self, headers: &[(String, Vec<u8>)]) -> Vec<&Rc<ProviderCall>> {
+        let rules = match self {
+            HostTarget::Route(rules) => rules,
+            HostTarget::Provider(call) => return vec![call],
+        };
+        let mut calls = Vec::new();
+        for rule in rules {
+            let Some(every) = rule.reach(headers) else {
+                continue;
+            };
+            calls.extend(rule.backends.iter());
+            if every {
+                break;
+            }
         }
+        calls
     }
 
-    /// `GET /v1/models` for this host: each call's configured model and mapping names.
-    fn model_list(&self) -> Rc<str> {
+    /// `GET /v1/models` for this host, as the asking client sees it: the configured model and
+    /// mapping names of each call its headers can reach (a rule for subscribers lists its
+    /// models to subscribers only).
+    fn model_list(&self, headers: &[(String, Vec<u8>)]) -> Rc<str> {
         let entries: Vec<(String, &str)> = self
-            .calls()
+            .reachable_calls(headers)
             .into_iter()
             .flat_map(|call| {
                 call.model_mapping
@@ -133,6 +164,17 @@ impl HostTarget {
                 .map(|(model, owner)| (model.as_str(), *owner)),
         ))
     }
+}
+
+/// How the filter treats a request's `:authority`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostClass {
+    /// Not an LLM host: the request passes through untouched.
+    Other,
+    /// An LLM host, written as `host` or `host:port` (any case): the request is the filter's.
+    Served,
+    /// An LLM host in any other form (see `RequestError::InvalidHost`): refused.
+    Refused,
 }
 
 /// What to do with a request.
@@ -164,8 +206,8 @@ struct Attempts {
 #[derive(Debug)]
 pub struct Policy {
     hosts: HashMap<String, Rc<HostTarget>>,
-    /// `GET /v1/models` answers, by the same host names.
-    model_lists: HashMap<String, Rc<str>>,
+    /// `settings.directProviderCalls`: a provider's own host is served.
+    direct_provider_calls: bool,
     pub max_request_body_bytes: u64,
     pub request_stream_usage: bool,
     /// `settings.forwardAfterBody`: hold the headers until the body is checked.
@@ -254,24 +296,22 @@ impl Policy {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        let mut lists: HashMap<*const HostTarget, Rc<str>> = HashMap::new();
-        let model_lists = hosts
-            .iter()
-            .map(|(host, target)| {
-                let list = lists
-                    .entry(Rc::as_ptr(target))
-                    .or_insert_with(|| target.model_list());
-                (host.clone(), Rc::clone(list))
-            })
-            .collect();
         Ok(Policy {
             hosts,
-            model_lists,
+            direct_provider_calls: config.settings.direct_provider_calls,
             max_request_body_bytes: config.settings.max_request_body_bytes,
             request_stream_usage: config.settings.request_stream_usage,
             forward_after_body: config.settings.forward_after_body,
             hold_timeout_ms: config.settings.hold_timeout_ms,
             fallbacks,
+        })
+    }
+
+    /// True when some rule matches on the body's `model` (it needs `forwardAfterBody`).
+    pub fn routes_by_model(&self) -> bool {
+        self.hosts.values().any(|target| match target.as_ref() {
+            HostTarget::Route(rules) => rules.iter().any(|r| r.needs_model),
+            HostTarget::Provider(_) => false,
         })
     }
 
@@ -328,15 +368,60 @@ impl Policy {
         order
     }
 
-    /// True when requests for this `:authority` are LLM requests.
+    /// True when requests for this `:authority` are the filter's: served, or refused because
+    /// they name an LLM host in a form it does not serve.
     pub fn is_llm_host(&self, authority: &[u8]) -> bool {
-        self.target(authority).is_some()
+        self.classify(authority) != HostClass::Other
+    }
+
+    /// Whether an `:authority` names an LLM host, and in which form. Served is exactly
+    /// `host` or `host:port` (ASCII case ignored; the port 1 to 5 digits, at most 65535): the
+    /// forms that an authorization rule written for the host matches (Istio translates an
+    /// AuthorizationPolicy's `hosts: [h]` into `h` or the prefix `h:`, case ignored). Anything
+    /// else that still names an LLM host, once user info, ports, trailing dots, spaces and list
+    /// commas are looked through, is refused: Envoy or a policy might read it differently.
+    pub fn classify(&self, authority: &[u8]) -> HostClass {
+        if self.target(authority).is_some() {
+            return HostClass::Served;
+        }
+        let names_llm_host = authority.split(|&b| b == b',').any(|part| {
+            let part = part.trim_ascii();
+            let part = match part.iter().rposition(|&b| b == b'@') {
+                Some(at) => &part[at + 1..],
+                None => part,
+            };
+            let host = match part.iter().position(|&b| b == b':') {
+                Some(colon) => &part[..colon],
+                None => part,
+            };
+            let mut host = host.trim_ascii();
+            while let Some(rest) = host.strip_suffix(b".") {
+                host = rest;
+            }
+            self.lookup(host).is_some()
+        });
+        if names_llm_host {
+            HostClass::Refused
+        } else {
+            HostClass::Other
+        }
     }
 
     fn target(&self, authority: &[u8]) -> Option<&HostTarget> {
-        let host = normalize_authority(authority)?;
-        let key: &str = &host;
-        self.hosts.get(key).map(|t| t.as_ref())
+        self.lookup(served_host(authority)?)
+    }
+
+    fn lookup(&self, host: &[u8]) -> Option<&HostTarget> {
+        if host.is_empty() {
+            return None;
+        }
+        let host = std::str::from_utf8(host).ok()?;
+        let target = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.hosts.get(&host.to_ascii_lowercase())
+        } else {
+            self.hosts.get(host)
+        };
+        target.map(|t| t.as_ref())
     }
 
     /// Chooses rule and provider for a request, given all its headers (`:authority` among
@@ -367,14 +452,20 @@ impl Policy {
             return Decision::PassThrough;
         };
         let Some(target) = self.target(authority) else {
-            return Decision::PassThrough;
+            return match self.classify(authority) {
+                HostClass::Other | HostClass::Served => Decision::PassThrough,
+                HostClass::Refused => Decision::Reject(RequestError::InvalidHost),
+            };
         };
-        if is_models_request(headers) {
-            if let Some(host) = normalize_authority(authority) {
-                if let Some(list) = self.model_lists.get(host.as_ref()) {
-                    return Decision::Models(Rc::clone(list));
-                }
+        if !self.direct_provider_calls && matches!(target, HostTarget::Provider(_)) {
+            return Decision::Reject(RequestError::ProviderHostNotServed);
+        }
+        match header(headers, ":method") {
+            Some(b"POST") => {}
+            Some(b"GET" | b"HEAD") if is_models_path(headers) => {
+                return Decision::Models(target.model_list(headers));
             }
+            _ => return Decision::Reject(RequestError::MethodNotAllowed),
         }
         let rules = match target {
             HostTarget::Provider(call) => return Decision::Forward(Rc::clone(call)),
@@ -398,11 +489,8 @@ impl Policy {
     }
 }
 
-/// `GET /v1/models` (or `/models`), query ignored.
-fn is_models_request(headers: &[(String, Vec<u8>)]) -> bool {
-    if header(headers, ":method") != Some(b"GET") {
-        return false;
-    }
+/// The model list's path: `/v1/models` (or `/models`), query ignored.
+fn is_models_path(headers: &[(String, Vec<u8>)]) -> bool {
     let path = header(headers, ":path").unwrap_or_default();
     let path = path.split(|&b| b == b'?').next().unwrap_or_default();
     path == b"/v1/models" || path == b"/models"
@@ -414,6 +502,28 @@ pub fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u
         .iter()
         .find(|(key, _)| key == name)
         .map(|(_, value)| value.as_slice())
+}
+
+/// The host of an `:authority` in a served form: `host` or `host:port`, the port 1 to 5 ASCII
+/// digits and at most 65535, no trailing dot. Case is left to the lookup.
+fn served_host(authority: &[u8]) -> Option<&[u8]> {
+    let (host, port) = match authority.iter().position(|&b| b == b':') {
+        Some(colon) => (&authority[..colon], Some(&authority[colon + 1..])),
+        None => (authority, None),
+    };
+    if let Some(port) = port {
+        if !(1..=5).contains(&port.len()) || !port.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let value = port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'));
+        if value > 65535 {
+            return None;
+        }
+    }
+    if host.is_empty() || host.ends_with(b".") {
+        return None;
+    }
+    Some(host)
 }
 
 /// The host part of an `:authority`, lower-cased, without port or trailing dot. Borrowed when
@@ -1066,6 +1176,10 @@ mod tests {
         assert!((moonshot - n / 2i32).abs() < 250, "{moonshot}");
     }
 
+    fn decision(policy: &Policy, headers: &[(String, Vec<u8>)]) -> Decision {
+        policy.decide(headers, &mut SplitMix64::new(1))
+    }
+
     #[test]
     fn host_forms() {
         let policy = Policy::from_text(MESH).unwrap();
@@ -1075,29 +1189,251 @@ mod tests {
             "DEMO-LLM-SERVER",
             "demo-llm-server.default",
             "demo-llm-server.default.svc.cluster.local",
-            "demo-llm-server.default.svc.cluster.local.:8080",
-            "Dashscope.Aliyuncs.Com.",
+            "demo-llm-server.default.svc.cluster.local:8080",
+            "Dashscope.Aliyuncs.Com",
+            "dashscope.aliyuncs.com:0",
+            "dashscope.aliyuncs.com:00443",
+            "dashscope.aliyuncs.com:65535",
         ] {
+            assert_eq!(
+                policy.classify(host.as_bytes()),
+                HostClass::Served,
+                "{host}"
+            );
             assert!(policy.is_llm_host(host.as_bytes()), "{host}");
+            assert!(matches!(
+                decision(&policy, &request(host, &[])),
+                Decision::Forward(_)
+            ));
+        }
+        // Forms that still name an LLM host, but that an authorization rule written for the
+        // host (exact `h`, or the prefix `h:`) may not match, or that Envoy may route apart.
+        for host in [
+            "dashscope.aliyuncs.com.",
+            "dashscope.aliyuncs.com..",
+            "dashscope.aliyuncs.com.:80",
+            "dashscope.aliyuncs.com:",
+            "dashscope.aliyuncs.com:x",
+            "dashscope.aliyuncs.com:80x",
+            "dashscope.aliyuncs.com:+80",
+            "dashscope.aliyuncs.com:-1",
+            "dashscope.aliyuncs.com:65536",
+            "dashscope.aliyuncs.com:123456",
+            "dashscope.aliyuncs.com:99999999999999999999999",
+            "dashscope.aliyuncs.com:80:80",
+            "dashscope.aliyuncs.com: 80",
+            " dashscope.aliyuncs.com",
+            "dashscope.aliyuncs.com ",
+            "user@dashscope.aliyuncs.com",
+            "user:pass@DASHSCOPE.aliyuncs.com:443",
+            "a@b@dashscope.aliyuncs.com",
+            "example.com,dashscope.aliyuncs.com",
+            "dashscope.aliyuncs.com,example.com",
+            "demo-llm-server.",
+            "demo-llm-server.default.svc.cluster.local.:8080",
+        ] {
+            assert_eq!(
+                policy.classify(host.as_bytes()),
+                HostClass::Refused,
+                "{host}"
+            );
+            assert_eq!(
+                decision(&policy, &request(host, &[])),
+                Decision::Reject(RequestError::InvalidHost),
+                "{host}"
+            );
         }
         for host in [
             "demo-llm-server.other",
             "example.com",
+            "example.com:80",
             "",
             ":80",
             "[::1]:80",
             "dashscope.aliyuncs.com.evil",
+            "evil-dashscope.aliyuncs.com",
+            "dashscope.aliyuncs.com@example.com",
+            "xdashscope.aliyuncs.com",
         ] {
-            assert!(!policy.is_llm_host(host.as_bytes()), "{host}");
+            assert_eq!(policy.classify(host.as_bytes()), HostClass::Other, "{host}");
+            assert_eq!(
+                decision(&policy, &request(host, &[])),
+                Decision::PassThrough
+            );
         }
-        assert!(!policy.is_llm_host(&[0xff, 0x00]));
-        let none = policy.decide(&request("example.com", &[]), &mut SplitMix64::new(1));
-        assert_eq!(none, Decision::PassThrough);
-        let no_authority = vec![(":path".to_string(), b"/".to_vec())];
+        assert_eq!(policy.classify(&[0xff, 0x00]), HostClass::Other);
         assert_eq!(
-            policy.decide(&no_authority, &mut SplitMix64::new(1)),
+            policy.classify(b"\xffuser@dashscope.aliyuncs.com"),
+            HostClass::Refused
+        );
+        let no_authority = vec![(":path".to_string(), b"/".to_vec())];
+        assert_eq!(decision(&policy, &no_authority), Decision::PassThrough);
+    }
+
+    fn with_method(authority: &str, method: &str, path: &str) -> Vec<(String, Vec<u8>)> {
+        let mut headers = request(authority, &[]);
+        headers.retain(|(k, _)| k != ":method" && k != ":path");
+        headers.push((":method".to_string(), method.as_bytes().to_vec()));
+        headers.push((":path".to_string(), path.as_bytes().to_vec()));
+        headers
+    }
+
+    #[test]
+    fn only_post_chats_and_only_get_or_head_lists_models() {
+        let policy = Policy::from_text(MESH).unwrap();
+        for host in ["dashscope.aliyuncs.com", "demo-llm-server"] {
+            for (method, path) in [
+                ("GET", "/v1/chat/completions"),
+                ("GET", "/"),
+                ("HEAD", "/v1/chat/completions"),
+                ("PUT", "/v1/chat/completions"),
+                ("DELETE", "/v1/files/x"),
+                ("PATCH", "/"),
+                ("OPTIONS", "*"),
+                ("CONNECT", ""),
+                ("TRACE", "/"),
+                ("post", "/"),
+                ("POST /x", "/"),
+                ("PUT", "/v1/models"),
+                ("POST-", "/v1/models"),
+            ] {
+                assert_eq!(
+                    decision(&policy, &with_method(host, method, path)),
+                    Decision::Reject(RequestError::MethodNotAllowed),
+                    "{method} {path}"
+                );
+            }
+            let mut no_method = request(host, &[]);
+            no_method.retain(|(k, _)| k != ":method");
+            assert_eq!(
+                decision(&policy, &no_method),
+                Decision::Reject(RequestError::MethodNotAllowed)
+            );
+            for method in ["GET", "HEAD"] {
+                for path in ["/v1/models", "/models", "/v1/models?limit=1"] {
+                    assert!(matches!(
+                        decision(&policy, &with_method(host, method, path)),
+                        Decision::Models(_)
+                    ));
+                }
+            }
+            assert!(matches!(
+                decision(&policy, &with_method(host, "POST", "/v1/models")),
+                Decision::Forward(_)
+            ));
+        }
+        // Other hosts keep every method.
+        assert_eq!(
+            decision(&policy, &with_method("example.com", "CONNECT", "")),
             Decision::PassThrough
         );
+    }
+
+    fn models(decision: Decision) -> Vec<String> {
+        let Decision::Models(list) = decision else {
+            panic!("expected Models, got {decision:?}");
+        };
+        let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_model_list_shows_what_the_asking_client_can_reach() {
+        let policy = Policy::from_text(MESH).unwrap();
+        let list = |host: &str, extra: &[(&str, &str)]| {
+            let mut headers = with_method(host, "GET", "/v1/models");
+            headers.extend(
+                extra
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+            );
+            models(decision(&policy, &headers))
+        };
+        assert_eq!(list("dashscope.aliyuncs.com", &[]), ["qwen1.5-72b-chat"]);
+        assert_eq!(
+            list("dashscope.aliyuncs.com", &[("user-type", "subscriber")]),
+            ["qwen-turbo"]
+        );
+        let mut split = list("demo-llm-server", &[]);
+        split.sort();
+        assert_eq!(split, ["moonshot-v1-8k", "qwen1.5-72b-chat"]);
+
+        // A rule that matches on the model is reachable by choosing one; the rule after it
+        // too. A rule behind one that every request matches is not.
+        let text = r#"
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: a}
+spec:
+  host: a.example
+  path: /v1/chat/completions
+  configs:
+    defaultConfig: {openAIConfig: {model: a-default}}
+    routeSpecificConfigs:
+      by-model: {openAIConfig: {model: a-by-model}}
+      vip: {openAIConfig: {model: a-vip}}
+      hidden: {openAIConfig: {model: a-hidden}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: r}
+spec:
+  host: r.example
+  rules:
+  - name: vip
+    matches: [{headers: {x-tier: {exact: vip}}}]
+    backendRefs: [{providerHost: a.example}]
+  - name: by-model
+    matches: [{model: {prefix: gpt-}}]
+    backendRefs: [{providerHost: a.example}]
+  - name: rest
+    backendRefs: [{providerHost: a.example}]
+  - name: hidden
+    backendRefs: [{providerHost: a.example}]
+---
+settings: {forwardAfterBody: true}
+"#;
+        let policy = Policy::from_text(text).unwrap();
+        let list = |extra: &[(&str, &str)]| {
+            let mut headers = with_method("r.example", "HEAD", "/v1/models");
+            headers.extend(
+                extra
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+            );
+            models(decision(&policy, &headers))
+        };
+        assert_eq!(list(&[("x-tier", "vip")]), ["a-vip"]);
+        assert_eq!(list(&[]), ["a-by-model", "a-default"]);
+    }
+
+    #[test]
+    fn a_gateway_serves_providers_only_through_its_routes() {
+        let policy = Policy::from_text(&format!(
+            "{GATEWAY}\n---\nsettings: {{directProviderCalls: false}}\n"
+        ))
+        .unwrap();
+        let call = forward(&policy, &request("test.com", &[]));
+        assert_eq!(call.authority, "dashscope.aliyuncs.com");
+        for host in ["dashscope.aliyuncs.com", "DASHSCOPE.aliyuncs.com:80"] {
+            assert_eq!(
+                decision(&policy, &request(host, &[])),
+                Decision::Reject(RequestError::ProviderHostNotServed)
+            );
+            assert_eq!(
+                decision(&policy, &with_method(host, "GET", "/v1/models")),
+                Decision::Reject(RequestError::ProviderHostNotServed)
+            );
+        }
+        assert!(matches!(
+            decision(&policy, &with_method("test.com", "GET", "/v1/models")),
+            Decision::Models(_)
+        ));
     }
 
     #[test]
@@ -1246,7 +1582,10 @@ spec:
         let policy = Policy::from_text(&text).unwrap();
         let rng = &mut SplitMix64::new(1);
         let headers = |extra: &[(&str, &str)]| {
-            let mut h = vec![(":authority".to_string(), b"llm.local".to_vec())];
+            let mut h = vec![
+                (":method".to_string(), b"POST".to_vec()),
+                (":authority".to_string(), b"llm.local".to_vec()),
+            ];
             h.extend(
                 extra
                     .iter()
@@ -1284,7 +1623,8 @@ spec:
             "no model: no model condition matches"
         );
 
-        let mut get = headers(&[(":method", "GET"), (":path", "/v1/models?x=1")]);
+        let mut get = headers(&[(":path", "/v1/models?x=1")]);
+        get[0].1 = b"GET".to_vec();
         let Decision::Models(list) = policy.decide(&get, rng) else {
             panic!("expected the model list");
         };
@@ -1296,9 +1636,9 @@ spec:
             .map(|m| m["id"].as_str().unwrap())
             .collect();
         assert_eq!(ids, vec!["gpt-4o", "q-default"]);
-        get[0].1 = b"q.example".to_vec();
+        get[1].1 = b"q.example".to_vec();
         assert!(matches!(policy.decide(&get, rng), Decision::Models(_)));
-        get[1].1 = b"POST".to_vec();
+        get[0].1 = b"POST".to_vec();
         assert!(matches!(policy.decide(&get, rng), Decision::Forward(_)));
     }
 
@@ -1331,7 +1671,7 @@ spec:
         );
         let env = |name: &str| (name == "P_KEY").then(|| "sk-from-env".to_string());
         let policy = Policy::from_text_with_env(&text, env).unwrap();
-        let headers = vec![(":authority".to_string(), b"p.example".to_vec())];
+        let headers = request("p.example", &[]);
         let Decision::Forward(call) = policy.decide(&headers, &mut SplitMix64::new(1)) else {
             panic!("expected a provider call");
         };

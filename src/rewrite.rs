@@ -84,7 +84,7 @@ pub struct Rewritten {
 
 /// Checks a chat request body and sets `model` / `stream` as the provider call says; for a
 /// streamed request without `stream_options`, asks for usage in the stream when
-/// `request_stream_usage` is on. Every byte outside the replaced values is kept as sent: the
+/// `request_stream_usage` is on; a request that does not stream loses its `stream_options`. Every byte outside the replaced values is kept as sent: the
 /// whole body is validated by `scan`, which only notes where the top-level values are.
 pub fn rewrite_body(
     call: &ProviderCall,
@@ -202,6 +202,18 @@ impl<'a> ChatRequest<'a> {
         if streaming && request_stream_usage && top.get("stream_options").is_none() {
             plan(&mut edits, body, "stream_options", None, STREAM_USAGE);
         }
+        if !streaming {
+            // OpenAI-compatible providers refuse `stream_options` without `stream: true`: the
+            // client's, or the one a streamed first attempt got before a fallback to a
+            // provider that does not stream.
+            if let Some(member) = top.member_span("stream_options") {
+                edits.push(Edit {
+                    span: Some(member),
+                    key: "stream_options",
+                    text: "",
+                });
+            }
+        }
         let new_body = (!edits.is_empty()).then(|| apply(body, self.open, self.empty, &mut edits));
         Rewritten {
             body: new_body,
@@ -214,7 +226,8 @@ impl<'a> ChatRequest<'a> {
 /// What a streamed request gets so the provider reports usage in its last event.
 const STREAM_USAGE: &str = r#"{"include_usage":true}"#;
 
-/// A change to the body: replace `start..end` with `text`, or insert `"key":text` after `{`.
+/// A change to the body: replace `start..end` with `text` (a value, or a whole member with its
+/// comma, to remove it), or insert `"key":text` after `{`.
 struct Edit<'a> {
     span: Option<(usize, usize)>,
     key: &'static str,
@@ -504,6 +517,60 @@ mod tests {
             json(
                 r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#
             )
+        );
+    }
+
+    #[test]
+    fn stream_options_go_whenever_the_provider_is_not_asked_to_stream() {
+        let off = call(Some("m"), Some(false), None);
+        for (body, expected) in [
+            (
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
+                r#"{"model":"m","messages":[],"stream":false}"#,
+            ),
+            (
+                r#"{"stream_options":{"include_usage":true},"stream":true,"messages":[1]}"#,
+                r#"{"model":"m","stream":false,"messages":[1]}"#,
+            ),
+            (
+                r#"{"stream":true, "stream_options" : {"a":[1,{"b":2}]} ,"messages":[]}"#,
+                r#"{"model":"m","stream":false,"messages":[]}"#,
+            ),
+        ] {
+            let out = rewrite_body(&off, body.as_bytes(), true).unwrap();
+            let text = String::from_utf8(out.body.unwrap()).unwrap();
+            assert_eq!(json(&text), json(expected), "{body} -> {text}");
+            assert!(!out.stream);
+        }
+        // Not forced either way: a client that does not stream loses its stream_options too.
+        let free = call(None, None, None);
+        let out = rewrite_body(
+            &free,
+            br#"{"messages":[],"stream_options":{"include_usage":true}}"#,
+            true,
+        )
+        .unwrap();
+        assert_eq!(out.body.as_deref(), Some(&br#"{"messages":[]}"#[..]));
+        let out = rewrite_body(
+            &free,
+            br#"{"messages":[],"stream":false,"stream_options":{}}"#,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            out.body.as_deref(),
+            Some(&br#"{"messages":[],"stream":false}"#[..])
+        );
+        // A fallback attempt to a provider that does not stream, after a streamed first one.
+        let first = call(None, Some(true), None);
+        let sent = rewrite_body(&first, br#"{"messages":[]}"#, true)
+            .unwrap()
+            .body
+            .unwrap();
+        let next = rewrite_body(&off, &sent, true).unwrap();
+        assert_eq!(
+            json(std::str::from_utf8(&next.body.unwrap()).unwrap()),
+            json(r#"{"model":"m","stream":false,"messages":[]}"#)
         );
     }
 

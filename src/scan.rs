@@ -5,8 +5,9 @@
 //! whole body by `std::str::from_utf8`, which has its own word-at-a-time ASCII path.
 //!
 //! It accepts what serde_json accepts when it skips a value: any nesting depth (iterative, no
-//! recursion), numbers of any size, and `\u` escapes as four hex digits (a lone surrogate is left
-//! to the provider, as serde_json's raw values do).
+//! recursion) and numbers of any size. Like serde_json's parser, it refuses a `\u` escape that
+//! is not four hex digits and a lone surrogate (a `\uD800`–`\uDBFF` escape not followed by a
+//! `\uDC00`–`\uDFFF` one, or the latter alone): such a string is no Unicode text.
 
 /// Why a body is not a JSON object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,13 +166,18 @@ impl Scanner<'_> {
                     escaped = true;
                     match self.next() {
                         Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {}
-                        Some(b'u') => {
-                            let hex = self.b.get(self.i..self.i + 4).ok_or(ScanError::Invalid)?;
-                            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                                return Err(ScanError::Invalid);
+                        Some(b'u') => match self.hex4()? {
+                            0xD800..=0xDBFF => {
+                                let low = (self.next() == Some(b'\\') && self.next() == Some(b'u'))
+                                    .then(|| self.hex4())
+                                    .transpose()?;
+                                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                                    return Err(ScanError::Invalid);
+                                }
                             }
-                            self.i += 4;
-                        }
+                            0xDC00..=0xDFFF => return Err(ScanError::Invalid),
+                            _ => {}
+                        },
                         _ => return Err(ScanError::Invalid),
                     }
                 }
@@ -179,6 +185,18 @@ impl Scanner<'_> {
                 Some(_) => {}
             }
         }
+    }
+
+    /// The four hex digits of a `\u` escape, as a code unit.
+    fn hex4(&mut self) -> Result<u32, ScanError> {
+        let hex = self.b.get(self.i..self.i + 4).ok_or(ScanError::Invalid)?;
+        let mut unit = 0;
+        for &h in hex {
+            let digit = char::from(h).to_digit(16).ok_or(ScanError::Invalid)?;
+            unit = unit * 16 + digit;
+        }
+        self.i += 4;
+        Ok(unit)
     }
 
     fn digits(&mut self) -> usize {
@@ -371,6 +389,35 @@ mod tests {
     }
 
     #[test]
+    fn lone_surrogates_are_refused_like_serde_json_strings() {
+        for (text, valid) in [
+            (r#""\ud800""#, false),
+            (r#""\udfff""#, false),
+            (r#""\ud800x""#, false),
+            (r#""\ud800\n""#, false),
+            (r#""\ud800\u0041""#, false),
+            (r#""\ud800\ud800""#, false),
+            (r#""\ud83d\ude00""#, true),
+            (r#""\uD83D\uDE00 and \u00e9""#, true),
+            (r#""\ud7ff\ue000""#, true),
+        ] {
+            let body = format!(r#"{{"messages":[],"content":{text}}}"#);
+            assert_eq!(top_level_object(body.as_bytes()).is_ok(), valid, "{text}");
+            assert_eq!(
+                serde_json::from_str::<String>(text).is_ok(),
+                valid,
+                "{text}"
+            );
+            let key = format!(r#"{{{text}:1}}"#);
+            assert_eq!(
+                top_level_object(key.as_bytes()).is_ok(),
+                valid,
+                "key {text}"
+            );
+        }
+    }
+
+    #[test]
     fn long_strings_with_specials_at_every_offset() {
         // The eight-byte skip must stop at a quote, backslash or control byte wherever it falls.
         for pad in 0..20 {
@@ -388,7 +435,6 @@ mod tests {
         let samples = [
             r#"{"messages":[{"role":"user","content":"hi \"there\" \u00e9"}],"n":1e400}"#,
             r#"{"a":[[[[]]],{"b":{"c":[true,false,null]}}],"d":-0,"e":0.0e-0}"#,
-            r#"{"a":"\ud800"}"#,
             r#"{"a":1,"a":2}"#,
             "{\"a\":\"\u{7f}\"}",
         ];

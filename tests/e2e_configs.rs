@@ -116,14 +116,21 @@ fn every_provider_has_a_virtual_host_and_a_verified_tls_cluster() {
                         .any(|d| d.as_str() == Some(host))
                 })
                 .unwrap_or_else(|| panic!("{name}: no virtual host for provider {host}"));
-            let domains = vh["domains"].as_sequence().unwrap();
-            assert!(
-                domains
-                    .iter()
-                    .any(|d| d.as_str() == Some(&format!("{host}:*"))),
-                "{name}: virtual host for {host} lacks {host}:*"
+            // Only requests the filter rewrote pass: a route for the provider requires its
+            // mark, and the last route answers everything else.
+            let routes = vh["routes"].as_sequence().unwrap();
+            for route in &routes[..routes.len() - 1] {
+                assert_eq!(
+                    route["match"]["filter_state"][0]["key"], "wasm.llm.provider",
+                    "{name}: a route to {host} without the filter's mark"
+                );
+            }
+            assert_eq!(
+                routes[routes.len() - 1]["direct_response"]["status"],
+                404,
+                "{name}: {host}'s unmarked requests"
             );
-            let route = &vh["routes"][0]["route"];
+            let route = &routes[routes.len() - 2]["route"];
             assert_eq!(
                 route["timeout"].as_str(),
                 Some("300s"),

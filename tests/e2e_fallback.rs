@@ -280,3 +280,93 @@ async fn a_client_without_a_model_sends_none_to_a_provider_without_one() {
     );
     assert_bearer(&seen[1], KEY_B);
 }
+
+/// The bootstrap of `render envoy` without `--endpoint`, patched as the demo's mock stack
+/// patches a config (every TLS cluster at the mock): the endpoints keep the metadata that
+/// names their provider, so fallback still rewrites each attempt for its own provider.
+#[tokio::test]
+async fn the_mock_stack_patch_keeps_each_endpoints_provider() {
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    let local = MockServer::start_plain().expect("local mock");
+    let plain = render_envoy("fallback-unpatched", MANIFESTS, &[]);
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&plain).unwrap();
+    let dir = support::envoy::temp_dir("fallback-patched");
+    let ca = pki().0.write_ca(&dir).unwrap();
+    let env = support::patch::Environment {
+        listener_port: 0,
+        admin_port: 0,
+        provider_addr: mock.addr(),
+        plain_clusters: vec![("local-service".into(), local.addr())],
+        ca_file: &ca,
+        wasm_file: wasm(),
+    };
+    support::patch::patch(&mut doc, &env).unwrap();
+    let yaml = support::patch::render(&doc).unwrap();
+    assert!(yaml.contains("filter_metadata"), "{yaml}");
+    let envoy = Envoy::start(&yaml, "fallback-patched");
+    mock.set_behavior(Behavior {
+        fixed_for_sni: vec![fail(DASHSCOPE, 503, "dashscope is down")],
+        ..Behavior::default()
+    });
+    let resp = support::client::send(envoy.addr, &Req::chat("test.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_dashscope_attempt(&seen[0]);
+    assert_moonshot_attempt(&seen[1]);
+}
+
+/// Endpoints that do not say which provider they are: no attempt can be placed, so each is
+/// refused (503, and an error line), never sent with another provider's key, path and model.
+#[tokio::test]
+async fn attempts_to_endpoints_without_a_provider_are_refused() {
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    let at = mock.addr().to_string();
+    let yaml = render(&at, &at);
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+    let mut stripped = 0;
+    for cluster in doc["static_resources"]["clusters"]
+        .as_sequence_mut()
+        .unwrap()
+    {
+        let endpoints = cluster
+            .get_mut("load_assignment")
+            .and_then(|l| l.get_mut("endpoints"))
+            .and_then(serde_yaml::Value::as_sequence_mut);
+        for locality in endpoints.into_iter().flatten() {
+            for lb in locality["lb_endpoints"].as_sequence_mut().unwrap() {
+                if lb.as_mapping_mut().unwrap().remove("metadata").is_some() {
+                    stripped += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(stripped, 2, "{yaml}");
+    let envoy = Envoy::start(
+        &support::patch::render(&doc).unwrap(),
+        "fallback-no-metadata",
+    );
+    for failing in [None, Some(503)] {
+        mock.clear();
+        mock.set_behavior(Behavior {
+            fixed_for_sni: failing
+                .map(|status| vec![fail(DASHSCOPE, status, "dashscope is down")])
+                .unwrap_or_default(),
+            ..Behavior::default()
+        });
+        let resp = support::client::send(envoy.addr, &Req::chat("test.com", SEED_BODY)).await;
+        assert_openai_error(&resp, 503, "provider_unknown");
+        assert!(
+            mock.all_requests().is_empty(),
+            "an attempt went out: {:#?}",
+            mock.all_requests()
+        );
+    }
+    envoy.assert_logged("fallback attempt refused (503)");
+    envoy.assert_logged("has no filter_metadata.llm.provider");
+    // Rules without fallback do not go through the aggregate cluster: unaffected.
+    mock.set_behavior(Behavior::default());
+    let resp = support::client::send(envoy.addr, &Req::chat("plain.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_dashscope_attempt(&mock.requests()[0]);
+}

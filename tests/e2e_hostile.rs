@@ -9,12 +9,11 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::client::{Req, Resp, SEED_BODY};
+use support::client::{Req, SEED_BODY};
+use support::raw::send_raw;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Envoy is still serving, a valid request still works, and its log has no wasm failure.
 async fn assert_filter_healthy(s: &mut Stack) {
@@ -77,87 +76,7 @@ fn bodies(cases: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-// ---------------------------------------------------------------- a byte-exact HTTP/1.1 client
-
-/// Writes a request exactly as given (header values need not be UTF-8; the body may go in
-/// chunks), reads the answer to the end (`Connection: close`), and returns it as a [`Resp`]
-/// so the usual assertions apply. Writing stops quietly if Envoy answers and closes first.
-async fn send_raw(addr: SocketAddr, head: Vec<u8>, body: Vec<Vec<u8>>) -> Resp {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut read, mut write) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        for piece in std::iter::once(head).chain(body) {
-            if write.write_all(&piece).await.is_err() {
-                break;
-            }
-        }
-        let _ = write.flush().await;
-        // Dropping the write half would half-close the connection, which Envoy takes for
-        // the client going away: keep it open until the answer has been read.
-        std::future::pending::<()>().await;
-        drop(write);
-    });
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), read.read_to_end(&mut raw))
-        .await
-        .expect("no complete answer within 60 s")
-        .ok();
-    writer.abort();
-    parse_response(&raw)
-}
-
-fn parse_response(raw: &[u8]) -> Resp {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(raw)));
-    let head = String::from_utf8_lossy(&raw[..end]).to_string();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
-    let mut headers = hyper::HeaderMap::new();
-    for line in lines {
-        if let Some((n, v)) = line.split_once(':') {
-            headers.append(
-                hyper::header::HeaderName::from_bytes(n.trim().as_bytes()).unwrap(),
-                hyper::header::HeaderValue::from_str(v.trim()).unwrap(),
-            );
-        }
-    }
-    let mut body = raw[end + 4..].to_vec();
-    let chunked = headers
-        .get("transfer-encoding")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
-    if chunked {
-        body = dechunk(&body);
-    }
-    Resp {
-        status,
-        headers,
-        body,
-        chunks: Vec::new(),
-        body_error: None,
-    }
-}
-
-fn dechunk(mut rest: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&rest[..eol]).unwrap_or("0");
-        let n =
-            usize::from_str_radix(size.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
-        rest = &rest[eol + 2..];
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.extend_from_slice(&rest[..n]);
-        rest = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
-    }
-    out
-}
+// ---------------------------------------------------------------- raw requests
 
 /// `POST / HTTP/1.1` to `host` with these extra header lines (raw bytes) and a body.
 fn raw_head(host: &[u8], extra: &[(&str, &[u8])], body_len: Option<usize>) -> Vec<u8> {
@@ -205,11 +124,12 @@ async fn empty_bodies_in_every_framing_get_empty_body() {
     )
     .await;
     assert_openai_error(&resp, 400, "empty_body");
+    // A GET is not a chat request at all (see e2e_methods.rs).
     let mut get = Req::post(DASHSCOPE, "/v1/chat/completions", "");
     get.method = "GET".into();
     get.auto_content_length = false;
     let resp = s.send(&get).await;
-    assert_openai_error(&resp, 400, "empty_body");
+    assert_openai_error(&resp, 405, "method_not_allowed");
     assert_nothing_reached_the_provider(&s);
     assert_filter_healthy(&mut s).await;
 }
@@ -606,16 +526,17 @@ async fn headers_over_envoys_limit_get_431_from_envoy() {
 }
 
 /// Row "`Host` with port, case or trailing dot", for a provider's own host (`e2e_seeds`
-/// covers the forms of a route's short name): all routed to DashScope, rewritten.
+/// covers the forms of a route's short name; e2e_host_forms.rs every form against every
+/// shipped config): port and case are routed to DashScope, rewritten; a trailing dot is refused.
 #[tokio::test]
-async fn provider_host_with_port_case_or_trailing_dot_is_routed() {
+async fn provider_host_with_port_or_case_is_routed_and_a_trailing_dot_refused() {
     let mut s = Stack::start("mesh.yaml");
-    let forms = [
-        "dashscope.aliyuncs.com:10000",
-        "DashScope.Aliyuncs.COM",
-        "dashscope.aliyuncs.com.",
-        "DASHSCOPE.ALIYUNCS.COM.:443",
-    ];
+    for host in ["dashscope.aliyuncs.com.", "DASHSCOPE.ALIYUNCS.COM.:443"] {
+        let resp = s.send(&Req::chat(host, SEED_BODY)).await;
+        assert_openai_error(&resp, 400, "invalid_host");
+    }
+    assert_nothing_reached_the_provider(&s);
+    let forms = ["dashscope.aliyuncs.com:10000", "DashScope.Aliyuncs.COM"];
     for host in forms {
         s.provider.clear();
         let resp = s.send(&Req::chat(host, SEED_BODY)).await;

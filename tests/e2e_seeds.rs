@@ -163,7 +163,8 @@ async fn demo_llm_server_splits_half_and_half_between_providers() {
     assert_eq!(answered.get("moonshot-v1-8k"), by_sni.get(MOONSHOT));
 }
 
-/// Short mesh names also match `name.namespace[.svc.cluster.local]`, any case, any port.
+/// Short mesh names also match `name.namespace[.svc.cluster.local]`, any case, any port. A
+/// trailing dot is not a form the filter serves (e2e_host_forms.rs): refused, never forwarded.
 #[tokio::test]
 async fn demo_llm_server_matches_its_long_and_uppercase_host_forms() {
     let s = Stack::start("mesh.yaml");
@@ -172,7 +173,6 @@ async fn demo_llm_server_matches_its_long_and_uppercase_host_forms() {
         "demo-llm-server.default",
         "DEMO-LLM-SERVER:80",
         "Demo-Llm-Server.Default.Svc.Cluster.Local:8080",
-        "demo-llm-server.",
     ];
     for host in forms {
         let resp = s.send(&Req::chat(host, SEED_BODY)).await;
@@ -185,6 +185,9 @@ async fn demo_llm_server_matches_its_long_and_uppercase_host_forms() {
     }
     assert_eq!(s.provider.requests().len(), forms.len());
     assert!(s.local.all_requests().is_empty());
+    let dotted = s.send(&Req::chat("demo-llm-server.", SEED_BODY)).await;
+    assert_openai_error(&dotted, 400, "invalid_host");
+    assert_eq!(s.provider.requests().len(), forms.len());
 
     // Another namespace is another service: not the route's host, so it passes through.
     let resp = s

@@ -51,7 +51,10 @@ fn calls() -> &'static [ProviderCall] {
         ["forced.example", "model.example", "plain.example"]
             .iter()
             .map(|host| {
-                let headers = vec![(":authority".to_string(), host.as_bytes().to_vec())];
+                let headers = vec![
+                    (":method".to_string(), b"POST".to_vec()),
+                    (":authority".to_string(), host.as_bytes().to_vec()),
+                ];
                 match policy.decide(&headers, &mut rng) {
                     Decision::Forward(call) => (*call).clone(),
                     other => panic!("{host}: {other:?}"),

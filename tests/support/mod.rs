@@ -15,6 +15,7 @@ pub mod jwt;
 pub mod mock;
 pub mod patch;
 pub mod ratelimit;
+pub mod raw;
 
 use client::{Req, Resp};
 use mock::{MockServer, TestPki};
@@ -276,6 +277,28 @@ pub fn render_envoy_with(
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("render envoy writes UTF-8")
+}
+
+/// A rendered bootstrap whose filter gives up on a missing body after `ms` milliseconds
+/// (`settings.holdTimeoutMs`, written beside the `forwardAfterBody` that `render envoy` sets).
+pub fn with_hold_timeout(yaml: &str, ms: u64) -> String {
+    let out: String = yaml
+        .lines()
+        .flat_map(|line| {
+            // The same indentation: a line of the settings document inside the config string.
+            let extra = line
+                .trim_start()
+                .starts_with("forwardAfterBody: true")
+                .then(|| {
+                    let indent = &line[..line.len() - line.trim_start().len()];
+                    format!("{indent}holdTimeoutMs: {ms}")
+                });
+            std::iter::once(line.to_string()).chain(extra)
+        })
+        .map(|line| line + "\n")
+        .collect();
+    assert!(out.contains(&format!("holdTimeoutMs: {ms}")), "{out}");
+    out
 }
 
 /// Asserts the request carried `authorization: Bearer <key>` exactly once, printing only

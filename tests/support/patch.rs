@@ -160,10 +160,32 @@ fn point_cluster_at(c: &mut Value, addr: SocketAddr, ctx: &str) -> Result<(), St
     m.insert("type".into(), "STATIC".into());
     m.remove("dns_lookup_family");
     let la = field(c, "load_assignment", ctx)?;
-    let la = la
-        .as_mapping_mut()
-        .ok_or_else(|| format!("{ctx}.load_assignment: not a mapping"))?;
-    la.insert("endpoints".into(), endpoint_list(addr));
+    // Keep each endpoint's metadata (a fallback's upstream part tells providers apart by
+    // `filter_metadata.llm.provider`): only the addresses change.
+    let mut moved = 0;
+    let localities = la.get_mut("endpoints").and_then(Value::as_sequence_mut);
+    for locality in localities.into_iter().flatten() {
+        let lbs = locality
+            .get_mut("lb_endpoints")
+            .and_then(Value::as_sequence_mut);
+        for lb in lbs.into_iter().flatten() {
+            if let Some(endpoint) = lb.get_mut("endpoint").and_then(Value::as_mapping_mut) {
+                let mut address = Mapping::new();
+                address.insert(
+                    "socket_address".into(),
+                    socket_address(&addr.ip().to_string(), addr.port()),
+                );
+                endpoint.insert("address".into(), Value::Mapping(address));
+                moved += 1;
+            }
+        }
+    }
+    if moved == 0 {
+        let la = la
+            .as_mapping_mut()
+            .ok_or_else(|| format!("{ctx}.load_assignment: not a mapping"))?;
+        la.insert("endpoints".into(), endpoint_list(addr));
+    }
     Ok(())
 }
 
@@ -298,16 +320,15 @@ pub fn remove_wasm_filter(doc: &mut Value) -> Result<(), String> {
     if removed == 0 {
         return Err(format!("no {WASM_FILTER} filter to remove"));
     }
+    remove_filter_marks(doc)?;
     Ok(())
 }
 
-/// Sets `timeout` (an Envoy duration such as `"1s"`) on every route that forwards to a
-/// cluster, in every HTTP connection manager's inline `route_config`; returns how many
-/// routes changed. The fault tests use it to make Envoy's 504 come in test time.
-pub fn set_route_timeout(doc: &mut Value, timeout: &str) -> Result<usize, String> {
+/// Every route of every HTTP connection manager's inline `route_config`.
+fn routes_mut(doc: &mut Value) -> Result<Vec<&mut Value>, String> {
     let sr = field(doc, "static_resources", "bootstrap")?;
     let listeners = seq(sr, "listeners", "static_resources")?;
-    let mut changed = 0;
+    let mut all = Vec::new();
     for l in listeners.iter_mut() {
         let chains = l.get_mut("filter_chains").and_then(Value::as_sequence_mut);
         for chain in chains.into_iter().flatten() {
@@ -320,14 +341,37 @@ pub fn set_route_timeout(doc: &mut Value, timeout: &str) -> Result<usize, String
                     .and_then(Value::as_sequence_mut);
                 for vh in vhosts.into_iter().flatten() {
                     let routes = vh.get_mut("routes").and_then(Value::as_sequence_mut);
-                    for r in routes.into_iter().flatten() {
-                        if let Some(action) = r.get_mut("route").and_then(Value::as_mapping_mut) {
-                            action.insert("timeout".into(), timeout.into());
-                            changed += 1;
-                        }
-                    }
+                    all.extend(routes.into_iter().flatten());
                 }
             }
+        }
+    }
+    Ok(all)
+}
+
+/// Plain Envoy, routing as the bootstrap does: drops the route matches on the filter's mark
+/// (which only the filter sets). Returns how many routes changed.
+pub fn remove_filter_marks(doc: &mut Value) -> Result<usize, String> {
+    let mut changed = 0;
+    for r in routes_mut(doc)? {
+        if let Some(m) = r.get_mut("match").and_then(Value::as_mapping_mut) {
+            if m.remove("filter_state").is_some() {
+                changed += 1;
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// Sets `timeout` (an Envoy duration such as `"1s"`) on every route that forwards to a
+/// cluster, in every HTTP connection manager's inline `route_config`; returns how many
+/// routes changed. The fault tests use it to make Envoy's 504 come in test time.
+pub fn set_route_timeout(doc: &mut Value, timeout: &str) -> Result<usize, String> {
+    let mut changed = 0;
+    for r in routes_mut(doc)? {
+        if let Some(action) = r.get_mut("route").and_then(Value::as_mapping_mut) {
+            action.insert("timeout".into(), timeout.into());
+            changed += 1;
         }
     }
     if changed == 0 {

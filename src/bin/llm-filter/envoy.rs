@@ -9,7 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use llm_filter::config::{fallback_key, FallbackOn, FilterConfig, Settings, FALLBACK_HEADER};
+use llm_filter::config::{
+    fallback_key, FallbackOn, FilterConfig, Settings, FALLBACK_HEADER, PROVIDER_STATE_IN_ENVOY,
+};
 use llm_filter::metadata;
 use serde_yaml::{Mapping, Value};
 
@@ -76,6 +78,9 @@ pub fn render(
     // The bootstrap lets the filter hold headers until the body is checked, so it asks for it.
     let mut embedded = config.clone();
     embedded.settings.forward_after_body = true;
+    if gateway_only(config) {
+        embedded.settings.direct_provider_calls = false;
+    }
     let configuration = embedded_configuration(&embedded)?;
     let buffer_limit = buffer_limit(&config.settings);
 
@@ -183,11 +188,24 @@ pub fn render(
     ))
 }
 
+/// True when the manifests are a gateway's: they have routes, and every one is bound to a
+/// gateway (`spec.gateways`, not `mesh`). A gateway serves providers only through those routes'
+/// hosts, so the authorization written for them cannot be side-stepped by naming a provider's
+/// own host (`settings.directProviderCalls: false`).
+pub(crate) fn gateway_only(config: &FilterConfig) -> bool {
+    !config.routes.is_empty()
+        && config.routes.iter().all(|route| {
+            !route.spec.gateways.is_empty() && route.spec.gateways.iter().all(|g| g != "mesh")
+        })
+}
+
 /// What the bootstrap needs to know about one provider.
 #[derive(Debug)]
 pub(crate) struct ProviderPlan {
     /// `LLMProvider ns/name`.
     pub(crate) resource: String,
+    /// `metadata.name`: what the filter sets `PROVIDER_STATE_IN_ENVOY` to.
+    pub(crate) provider: String,
     /// Cluster and virtual host name: `metadata.name`, or `name.namespace` when two providers
     /// in different namespaces share a name.
     pub(crate) name: String,
@@ -230,6 +248,7 @@ fn plan_providers(
         let host = normalize_host(&provider.spec.host);
         plans.push(ProviderPlan {
             resource: provider.resource_name(),
+            provider: name.clone(),
             name: if shared {
                 format!("{name}.{}", provider.metadata.namespace())
             } else {
@@ -300,6 +319,8 @@ pub(crate) struct FallbackPlan {
     pub(crate) key: String,
     /// The first provider's cluster (its virtual host gets the route).
     pub(crate) first: String,
+    /// The first provider's `metadata.name`, which the filter marks the request with.
+    pub(crate) provider: String,
     /// The `:authority` the filter sends that provider for this rule: the backendRef's
     /// `hostRewrite`, else the provider host.
     pub(crate) authority: String,
@@ -321,7 +342,7 @@ pub(crate) fn plan_fallbacks(
                 continue;
             };
             let key = fallback_key(route.metadata.namespace(), &route.metadata.name, r);
-            let cluster_of = |host: &str, at: String| -> Result<String, String> {
+            let plan_of = |host: &str, at: String| -> Result<&ProviderPlan, String> {
                 let host = normalize_host(host);
                 let plan = providers
                     .iter()
@@ -335,21 +356,27 @@ pub(crate) fn plan_fallbacks(
                         plan.resource
                     ));
                 }
-                Ok(plan.name.clone())
+                Ok(plan)
             };
             let resource = route.resource_name();
             let mut rest = Vec::new();
             for (f, host) in fallback.providers.iter().enumerate() {
-                rest.push(cluster_of(
-                    host,
-                    format!("{resource}: rules[{r}].fallback.providers[{f}]"),
-                )?);
+                rest.push(
+                    plan_of(
+                        host,
+                        format!("{resource}: rules[{r}].fallback.providers[{f}]"),
+                    )?
+                    .name
+                    .clone(),
+                );
             }
             for (b, backend) in rule.backend_refs.iter().enumerate() {
-                let first = cluster_of(
+                let plan = plan_of(
                     &backend.provider_host,
                     format!("{resource}: rules[{r}].backendRefs[{b}].providerHost"),
                 )?;
+                let first = plan.name.clone();
+                let provider = plan.provider.clone();
                 let mut clusters = vec![first.clone()];
                 clusters.extend(rest.iter().cloned());
                 plans.push(FallbackPlan {
@@ -360,6 +387,7 @@ pub(crate) fn plan_fallbacks(
                     ),
                     key: key.clone(),
                     first,
+                    provider,
                     authority: normalize_host(
                         backend
                             .host_rewrite
@@ -711,26 +739,31 @@ fn key_file_secret(p: &ProviderPlan) -> Option<Value> {
 }
 
 /// After the filter has set `:authority` to a provider host (or a `hostRewrite` of it),
-/// Envoy re-selects the route and lands here. A request of a rule with fallback carries
-/// `x-llm-fallback` and goes to the rule's aggregate cluster instead. `per_filter`: the rate
-/// limit entries of the budgets whose requests come here, on every route.
+/// Envoy re-selects the route and lands here. Every route to the provider requires the mark
+/// the filter sets on the requests it rewrote (`rewritten_for`), so a request that reached this
+/// virtual host any other way (an `:authority` the filter does not serve, a filter that is not
+/// there) gets a 404 and never the provider's cluster, its key injector or its TLS. A request
+/// of a rule with fallback also carries `x-llm-fallback` and goes to the rule's aggregate
+/// cluster instead. `per_filter`: the rate limit entries of the budgets whose requests come
+/// here, on every route to the provider.
 fn provider_virtual_host(
     p: &ProviderPlan,
     fallbacks: &[FallbackPlan],
     per_filter: Option<Value>,
 ) -> Value {
-    let domains: Vec<String> = p
-        .authorities
-        .iter()
-        .flat_map(|a| [a.clone(), format!("{a}:*")])
-        .collect();
     let mut routes: Vec<Value> = fallbacks
         .iter()
         .filter(|f| f.first == p.name)
         .map(fallback_route)
         .collect();
     routes.push(map([
-        ("match", map([("prefix", "/".into())])),
+        (
+            "match",
+            map([
+                ("prefix", "/".into()),
+                ("filter_state", rewritten_for(&p.provider)),
+            ]),
+        ),
         (
             "route",
             map([
@@ -748,12 +781,40 @@ fn provider_virtual_host(
             }
         }
     }
+    routes.push(not_rewritten_route());
     map([
         ("name", p.name.as_str().into()),
-        ("domains", strings(&domains)),
+        // Exactly the names the filter sets: Envoy's host matching never decides alone.
+        ("domains", strings(&p.authorities)),
         ("routes", Value::Sequence(routes)),
     ])
 }
+
+/// The route match that only requests the filter rewrote for `provider` pass: the filter
+/// state it sets before Envoy picks the route. A client cannot set filter state.
+pub(crate) fn rewritten_for(provider: &str) -> Value {
+    Value::Sequence(vec![map([
+        ("key", PROVIDER_STATE_IN_ENVOY.into()),
+        ("string_match", map([("exact", provider.into())])),
+    ])])
+}
+
+/// The last route of a provider's virtual host: what the filter did not rewrite.
+fn not_rewritten_route() -> Value {
+    map([
+        ("match", map([("prefix", "/".into())])),
+        (
+            "direct_response",
+            map([
+                ("status", 404u64.into()),
+                ("body", map([("inline_string", NOT_REWRITTEN_BODY.into())])),
+            ]),
+        ),
+    ])
+}
+
+/// OpenAI's error shape, as the filter's own answers.
+const NOT_REWRITTEN_BODY: &str = r#"{"error":{"message":"This host is served only through llm-filter, which did not rewrite this request.","type":"invalid_request_error","code":"route_not_found"}}"#;
 
 /// Envoy's `retry_on` for the configured triggers, and the retriable status codes.
 fn retry_on(triggers: &[FallbackOn]) -> (String, Vec<u64>) {
@@ -840,6 +901,7 @@ pub(crate) fn fallback_route(f: &FallbackPlan) -> Value {
                         ("string_match", map([("exact", f.key.as_str().into())])),
                     ])]),
                 ),
+                ("filter_state", rewritten_for(&f.provider)),
             ]),
         ),
         (
@@ -1343,10 +1405,17 @@ mod tests {
             Policy::from_text(&text).unwrap();
             let mut expected = config;
             expected.settings.forward_after_body = true;
+            // Seed 000's only route is bound to a gateway: a gateway's manifests.
+            expected.settings.direct_provider_calls = seed != GATEWAY;
             assert_eq!(FilterConfig::parse(&text).unwrap(), expected);
             assert!(
-                text.ends_with("  forwardAfterBody: true\n"),
+                text.contains("  forwardAfterBody: true\n"),
                 "the bootstrap's filter holds headers until the body is read: {text}"
+            );
+            assert_eq!(
+                text.contains("  directProviderCalls: false\n"),
+                seed == GATEWAY,
+                "{text}"
             );
             assert!(
                 text.starts_with("apiVersion: istio.alibabacloud.com/v1beta1\nkind: LLMProvider\n")
@@ -1396,14 +1465,37 @@ mod tests {
             ["dashscope-qwen", "moonshot", "everything-else"]
         );
         let vhosts = hcm(&doc)["route_config"]["virtual_hosts"].clone();
+        // Exactly the name the filter sets.
         assert_eq!(
             vhosts[1]["domains"],
-            serde_yaml::from_str::<Value>("[api.moonshot.cn, 'api.moonshot.cn:*']").unwrap()
+            serde_yaml::from_str::<Value>("[api.moonshot.cn]").unwrap()
         );
-        let route = &vhosts[1]["routes"][0]["route"];
+        let routes = vhosts[1]["routes"].as_sequence().unwrap();
+        assert_eq!(routes.len(), 2);
+        // Only what the filter rewrote for this provider reaches its cluster.
+        assert_eq!(
+            routes[0]["match"]["filter_state"],
+            serde_yaml::from_str::<Value>(
+                "[{key: wasm.llm.provider, string_match: {exact: moonshot}}]"
+            )
+            .unwrap()
+        );
+        let route = &routes[0]["route"];
         assert_eq!(route["cluster"], "moonshot");
         assert_eq!(route["timeout"], "300s");
         assert_eq!(route["idle_timeout"], "0s");
+        assert_eq!(
+            routes[1]["match"],
+            serde_yaml::from_str::<Value>("{prefix: /}").unwrap()
+        );
+        assert_eq!(routes[1]["direct_response"]["status"], 404);
+        let body: serde_json::Value = serde_json::from_str(
+            routes[1]["direct_response"]["body"]["inline_string"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(body["error"]["code"], "route_not_found");
         // The default catch-all: 404 for hosts the manifests do not name.
         assert_eq!(vhosts[2]["domains"][0], "*");
         assert_eq!(vhosts[2]["routes"][0]["direct_response"]["status"], 404);
@@ -1516,10 +1608,7 @@ mod tests {
         let vhosts = hcm(&doc)["route_config"]["virtual_hosts"].clone();
         assert_eq!(
             vhosts[0]["domains"],
-            serde_yaml::from_str::<Value>(
-                "[dashscope.aliyuncs.com, 'dashscope.aliyuncs.com:*', llm.internal, 'llm.internal:*']"
-            )
-            .unwrap()
+            serde_yaml::from_str::<Value>("[dashscope.aliyuncs.com, llm.internal]").unwrap()
         );
         // A rewrite to another provider's host would reach the wrong cluster.
         let two = format!(
@@ -1728,9 +1817,17 @@ spec:
             .find(|v| v["name"] == "dashscope-qwen")
             .unwrap();
         let routes = dashscope["routes"].as_sequence().unwrap();
-        assert_eq!(routes.len(), 2, "{routes:?}");
+        assert_eq!(routes.len(), 3, "{routes:?}");
         let first = &routes[0];
         assert_eq!(first["match"]["headers"][0]["name"], "x-llm-fallback");
+        assert_eq!(
+            first["match"]["filter_state"][0]["key"],
+            "wasm.llm.provider"
+        );
+        assert_eq!(
+            first["match"]["filter_state"][0]["string_match"]["exact"],
+            "dashscope-qwen"
+        );
         assert_eq!(
             first["match"]["headers"][0]["string_match"]["exact"],
             "team/ha/0"
@@ -1754,7 +1851,7 @@ spec:
         );
         assert_eq!(routes[1]["route"]["cluster"], "dashscope-qwen");
         let moonshot = vhosts.iter().find(|v| v["name"] == "moonshot").unwrap();
-        assert_eq!(moonshot["routes"].as_sequence().unwrap().len(), 1);
+        assert_eq!(moonshot["routes"].as_sequence().unwrap().len(), 2);
     }
 
     #[test]
@@ -1801,9 +1898,11 @@ spec:
             .find(|v| v["name"] == "dashscope-qwen")
             .unwrap();
         let routes = dashscope["routes"].as_sequence().unwrap();
-        // The fallback route and the provider's own: both carry the limited rule's entries.
-        assert_eq!(routes.len(), 2);
-        for route in routes {
+        // The fallback route and the provider's own carry the limited rule's entries; the 404
+        // for what the filter did not rewrite needs none.
+        assert_eq!(routes.len(), 3);
+        assert!(routes[2].get("direct_response").is_some());
+        for route in &routes[..2] {
             let entries = route["typed_per_filter_config"]["envoy.filters.http.ratelimit"]
                 ["rate_limits"]
                 .as_sequence()

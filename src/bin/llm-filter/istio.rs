@@ -339,6 +339,7 @@ fn fallback_parts(config: &FilterConfig) -> Result<Option<FallbackParts>, String
             let host = normalize_host(&p.spec.host);
             ProviderPlan {
                 resource: p.resource_name(),
+                provider: p.metadata.name.clone(),
                 name: fallback_provider_cluster(&host),
                 authorities: vec![host.clone()],
                 endpoint: None,
@@ -549,7 +550,11 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
         return Ok(Vec::new());
     }
 
-    let plugin_config = config.to_bundle_json();
+    // Manifests whose every route is bound to a gateway are a gateway's: there, providers are
+    // served only through those routes (as `render envoy` does).
+    let mut gateway_config = config.clone();
+    gateway_config.settings.direct_provider_calls = false;
+    let gateway_only = envoy::gateway_only(config);
     let fallback = fallback_parts(config)?;
     let budgets = ratelimit::plan(config);
     ratelimit::require_service(&budgets, options.ratelimit.is_some(), "--ratelimit")?;
@@ -557,6 +562,12 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
     let mut documents = Vec::with_capacity(selections.len());
     let mut budget_filters = Vec::new();
     for (selection, reasons) in &selections {
+        let config = if gateway_only && !reasons.gateways.is_empty() {
+            &gateway_config
+        } else {
+            config
+        };
+        let plugin_config = config.to_bundle_json();
         let name = unique_name(
             &plugin_name(&selection.labels),
             &selection.namespace,
@@ -1198,6 +1209,12 @@ spec:
             plugins[1]["spec"]["selector"]["matchLabels"]["istio"],
             "ingressgateway"
         );
+        // The route serves the mesh too: its provider stays callable directly.
+        for plugin in &plugins {
+            assert!(plugin["spec"]["pluginConfig"]["settings"]
+                .get("directProviderCalls")
+                .is_none());
+        }
         let services = of_kind(&docs, "VirtualService");
         assert_eq!(services.len(), 1);
         let spec = &services[0]["spec"];
@@ -1223,6 +1240,17 @@ spec:
             of_kind(&docs, "ServiceEntry")[0]["spec"]["hosts"][0],
             "a.example"
         );
+        // Without `mesh`, the manifests are a gateway's: providers only through the route.
+        let gateway_only = text.replace(", mesh]", "]");
+        let gateway_docs = documents(&gateway_only);
+        let plugins = of_kind(&gateway_docs, "WasmPlugin");
+        assert_eq!(plugins.len(), 2, "{plugins:?}");
+        for plugin in &plugins {
+            assert_eq!(
+                plugin["spec"]["pluginConfig"]["settings"]["directProviderCalls"],
+                false
+            );
+        }
     }
 
     #[test]
