@@ -85,6 +85,16 @@ struct Budgets {
 
 impl Budgets {
     fn start(label: &str, manifests: &str, envoys: &[&[&str]]) -> Budgets {
+        Budgets::start_with(label, manifests, envoys, |yaml| yaml)
+    }
+
+    /// [`start`](Self::start), each rendered bootstrap changed by `edit` first.
+    fn start_with(
+        label: &str,
+        manifests: &str,
+        envoys: &[&[&str]],
+        edit: impl Fn(String) -> String,
+    ) -> Budgets {
         let service = RateLimitService::up(label, &service_config(label, manifests));
         let provider = MockServer::start_tls(&pki().0).unwrap();
         let ratelimit = service.flag();
@@ -100,7 +110,7 @@ impl Budgets {
                     &[(DASHSCOPE, provider.addr())],
                     &args,
                 );
-                Envoy::start(&yaml, &format!("{label}-{i}"))
+                Envoy::start(&edit(yaml), &format!("{label}-{i}"))
             })
             .collect();
         Budgets {
@@ -269,6 +279,39 @@ async fn two_envoys_spend_one_budget_and_refuse_on_both() {
             .collect::<Vec<_>>();
         assert!(failures.is_empty(), "{failures:?}");
     }
+}
+
+/// Istio's WasmPlugin cannot let the filter hold the headers: they go on at header time, and
+/// Envoy's rate limit filter asks the service before the body is read.
+#[tokio::test]
+async fn budgets_work_the_same_when_the_headers_go_on_before_the_body() {
+    let limit = 100;
+    let b = Budgets::start_with("header-time", &manifests(limit), &[&[]], |yaml| {
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        let config = patch::wasm_configuration(&mut doc).unwrap();
+        assert!(config.contains("forwardAfterBody: true"), "{config}");
+        let config = config.replace("forwardAfterBody: true", "forwardAfterBody: false");
+        patch::set_wasm_configuration(&mut doc, &config).unwrap();
+        patch::render(&doc).unwrap()
+    });
+    let (spent, last) = spend(&b, "alice", &[0], 0).await;
+    assert!(
+        spent > u64::from(limit) && spent - last <= u64::from(limit),
+        "{spent} {last}"
+    );
+    let served = b.provider.all_requests().len();
+    assert_refused(&b.send(0, &chat("tokens", Some("alice"))).await, limit);
+    assert_eq!(b.provider.all_requests().len(), served);
+    assert_eq!(b.service.count("x-user-id_alice_"), spent);
+    assert_eq!(rate_limited_series(&b.envoys[0], "tokens"), 2);
+    // A bad body after the check: the filter answers 400 and nothing is debited.
+    let bad = Req::chat("test.com", "{\"messages\": 1}")
+        .header("x-budget", "tokens")
+        .header("x-user-id", "bob");
+    assert_openai_error(&b.send(0, &bad).await, 400, "invalid_messages");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(b.service.count("x-user-id_bob_"), 0);
+    assert!(!b.envoys[0].log().contains("Invalid hits_addend"));
 }
 
 #[tokio::test]
