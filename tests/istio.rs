@@ -309,21 +309,34 @@ fn envoy_filter_schema() -> jsonschema::Validator {
     jsonschema::draft4::new(&strict(spec)).expect("EnvoyFilter schema")
 }
 
+/// `namespace/name` of each resource.
+fn qualified_names(resources: &[&Value]) -> Vec<String> {
+    resources
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["metadata"]["namespace"].as_str().unwrap(),
+                r["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// What `schema` says of a resource's `spec`, one line per error.
+fn spec_errors(schema: &jsonschema::Validator, resource: &Value) -> Vec<String> {
+    schema
+        .iter_errors(&resource["spec"])
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
+}
+
 #[test]
 fn rendered_envoy_filters_pass_istios_envoy_filter_schema() {
     let schema = envoy_filter_schema();
     let docs = render_istio_text("envoy-filters", ENVOY_FILTER_MANIFESTS);
     let filters = of_kind(&docs, "EnvoyFilter");
-    let names: Vec<String> = filters
-        .iter()
-        .map(|f| {
-            format!(
-                "{}/{}",
-                f["metadata"]["namespace"].as_str().unwrap(),
-                f["metadata"]["name"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let names = qualified_names(&filters);
     assert_eq!(
         names,
         [
@@ -335,12 +348,8 @@ fn rendered_envoy_filters_pass_istios_envoy_filter_schema() {
     );
     for filter in &filters {
         assert_eq!(filter["apiVersion"], "networking.istio.io/v1alpha3");
-        let errors: Vec<String> = schema
-            .iter_errors(&filter["spec"])
-            .map(|e| format!("{}: {e}", e.instance_path()))
-            .collect();
         assert_eq!(
-            errors,
+            spec_errors(&schema, filter),
             Vec::<String>::new(),
             "{}",
             filter["metadata"]["name"]
@@ -428,16 +437,7 @@ fn the_budgets_envoy_filter_passes_istios_envoy_filter_schema() {
     let docs = documents(&out);
     // The mesh's selection and the gateway's (no LLMProvider in istio-system): one each.
     let filters = of_kind(&docs, "EnvoyFilter");
-    let names: Vec<String> = filters
-        .iter()
-        .map(|f| {
-            format!(
-                "{}/{}",
-                f["metadata"]["namespace"].as_str().unwrap(),
-                f["metadata"]["name"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let names = qualified_names(&filters);
     assert_eq!(
         names,
         [
@@ -446,12 +446,8 @@ fn the_budgets_envoy_filter_passes_istios_envoy_filter_schema() {
         ]
     );
     for filter in &filters {
-        let errors: Vec<String> = schema
-            .iter_errors(&filter["spec"])
-            .map(|e| format!("{}: {e}", e.instance_path()))
-            .collect();
         assert_eq!(
-            errors,
+            spec_errors(&schema, filter),
             Vec::<String>::new(),
             "{}",
             filter["metadata"]["name"]

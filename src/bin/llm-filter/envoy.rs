@@ -10,7 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use llm_filter::config::{
-    fallback_key, FallbackOn, FilterConfig, Settings, FALLBACK_HEADER, PROVIDER_STATE_IN_ENVOY,
+    fallback_key, BackendRefConfig, FallbackOn, FilterConfig, Settings, FALLBACK_HEADER,
+    PROVIDER_STATE_IN_ENVOY,
 };
 use llm_filter::metadata;
 use serde_yaml::{Mapping, Value};
@@ -100,10 +101,7 @@ pub fn render(
             .map(|f| aggregate_cluster(f, &upstream_filter, buffer_limit)),
     );
     if let Some(service) = &options.ratelimit {
-        clusters.push(ratelimit::cluster(
-            &service.address.address,
-            service.address.port,
-        ));
+        clusters.push(ratelimit::cluster(&service.address));
     }
     clusters.extend(extends.iter().flat_map(|e| e.clusters.iter().cloned()));
 
@@ -230,6 +228,18 @@ impl ProviderPlan {
 /// The host as the filter compares it: trimmed, lower case, without a trailing dot.
 pub(crate) fn normalize_host(host: &str) -> String {
     host.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// `(:authority the filter sends, provider host)` of a backendRef: its `hostRewrite`, else the
+/// provider host, both normalized.
+pub(crate) fn backend_authority(backend: &BackendRefConfig) -> (String, String) {
+    let provider = normalize_host(&backend.provider_host);
+    let authority = backend
+        .host_rewrite
+        .as_deref()
+        .map(normalize_host)
+        .unwrap_or_else(|| provider.clone());
+    (authority, provider)
 }
 
 fn plan_providers(
@@ -504,7 +514,7 @@ pub(crate) fn buffer_limit(settings: &Settings) -> u64 {
 }
 
 /// A mapping with its keys in the given order.
-fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
+pub(crate) fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
     let mut m = Mapping::new();
     for (k, v) in entries {
         m.insert(Value::String(k.to_string()), v);
@@ -513,7 +523,7 @@ fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
 }
 
 /// `typed_config` of the given proto type, with more fields.
-fn typed<const N: usize>(type_name: &str, fields: [(&str, Value); N]) -> Value {
+pub(crate) fn typed<const N: usize>(type_name: &str, fields: [(&str, Value); N]) -> Value {
     let mut m = Mapping::new();
     m.insert(
         "@type".into(),
@@ -529,7 +539,7 @@ fn strings(items: &[String]) -> Value {
     Value::Sequence(items.iter().map(|s| s.as_str().into()).collect())
 }
 
-fn socket_address(addr: &SocketAddr) -> Value {
+pub(crate) fn socket_address(addr: &SocketAddr) -> Value {
     map([(
         "socket_address",
         map([
@@ -1331,7 +1341,7 @@ fn header(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use llm_filter::policy::Policy;
 
@@ -1753,7 +1763,7 @@ mod tests {
         );
     }
 
-    const FALLBACK: &str = "apiVersion: istio.alibabacloud.com/v1beta1
+    pub(crate) const FALLBACK: &str = "apiVersion: istio.alibabacloud.com/v1beta1
 kind: LLMProvider
 metadata: {name: dashscope-qwen}
 spec:
@@ -1856,7 +1866,7 @@ spec:
 
     #[test]
     fn budgets_get_the_rate_limit_filter_after_the_llm_filter_and_entries_on_their_routes() {
-        let text = crate::ratelimit::tests::BUDGETS.replace(
+        let text = crate::ratelimit::tests::budgets().replace(
             "    backendRefs: [{providerHost: dashscope.aliyuncs.com, hostRewrite: qwen.internal}]\n",
             "    backendRefs: [{providerHost: dashscope.aliyuncs.com, hostRewrite: qwen.internal}]\n    fallback: {providers: [api.moonshot.cn]}\n",
         );

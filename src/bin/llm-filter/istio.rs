@@ -428,17 +428,9 @@ fn fallback_envoy_filter(
             }));
         }
         for (authority, route) in &parts.routes {
-            let vhost = json!({ "name": format!("{authority}:{PROVIDER_PORT}") });
-            // A sidecar names its route configuration by port; a gateway's carries the
-            // server's port in the virtual host name already.
-            let route_configuration = if context == "GATEWAY" {
-                json!({ "vhost": vhost })
-            } else {
-                json!({ "portNumber": PROVIDER_PORT, "vhost": vhost })
-            };
             patches.push(json!({
                 "applyTo": "HTTP_ROUTE",
-                "match": {"context": context, "routeConfiguration": route_configuration},
+                "match": {"context": context, "routeConfiguration": provider_vhost(context, authority)},
                 "patch": {"operation": "INSERT_FIRST", "value": route},
             }));
         }
@@ -468,6 +460,18 @@ fn fallback_envoy_filter(
     ];
     comments.extend(parts.summary.iter().cloned());
     envoy_filter(name, selection, comments, patches)
+}
+
+/// The `routeConfiguration` match of Istio's virtual host `<authority>:80` in `context`: a
+/// sidecar names its route configuration by port; a gateway's carries the server's port in the
+/// virtual host name already.
+fn provider_vhost(context: &str, authority: &str) -> Value {
+    let vhost = json!({ "name": format!("{authority}:{PROVIDER_PORT}") });
+    if context == "GATEWAY" {
+        json!({ "vhost": vhost })
+    } else {
+        json!({ "portNumber": PROVIDER_PORT, "vhost": vhost })
+    }
 }
 
 /// An `EnvoyFilter` named `name` with `patches`, for the workloads of `selection`.
@@ -768,15 +772,9 @@ fn ratelimit_envoy_filter(
             let Some(per_filter) = ratelimit::per_filter_config(&limits) else {
                 continue;
             };
-            let vhost = json!({ "name": format!("{authority}:{PROVIDER_PORT}") });
-            let route_configuration = if context == "GATEWAY" {
-                json!({ "vhost": vhost })
-            } else {
-                json!({ "portNumber": PROVIDER_PORT, "vhost": vhost })
-            };
             patches.push(json!({
                 "applyTo": "VIRTUAL_HOST",
-                "match": {"context": context, "routeConfiguration": route_configuration},
+                "match": {"context": context, "routeConfiguration": provider_vhost(context, &authority)},
                 "patch": {"operation": "MERGE", "value": {
                     "typed_per_filter_config": to_json(per_filter)?,
                 }},
@@ -932,17 +930,11 @@ fn rewritten_hosts(route: &RouteManifest) -> Vec<(String, String)> {
 
 /// `(:authority after the rewrite, provider host)` of every backendRef of a route.
 fn backend_authorities(route: &RouteManifest) -> impl Iterator<Item = (String, String)> + '_ {
-    route.spec.rules.iter().flat_map(|rule| {
-        rule.backend_refs.iter().map(|backend| {
-            let provider = normalize_host(&backend.provider_host);
-            let authority = backend
-                .host_rewrite
-                .as_deref()
-                .map(normalize_host)
-                .unwrap_or_else(|| provider.clone());
-            (authority, provider)
-        })
-    })
+    route
+        .spec
+        .rules
+        .iter()
+        .flat_map(|rule| rule.backend_refs.iter().map(envoy::backend_authority))
 }
 
 fn virtual_services(config: &FilterConfig) -> Result<Vec<Document>, String> {
@@ -1733,7 +1725,7 @@ spec:
 
     #[test]
     fn budgets_get_an_envoy_filter_with_the_rate_limit_filter_replies_and_entries() {
-        let text = crate::ratelimit::tests::BUDGETS;
+        let text = &crate::ratelimit::tests::budgets();
         let error = render(&config(text), &IstioOptions::default()).unwrap_err();
         assert!(
             error.contains(

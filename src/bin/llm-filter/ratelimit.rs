@@ -10,7 +10,8 @@ use llm_filter::config::FilterConfig;
 use llm_filter::limits::{self, Counted, LimitPolicy};
 use serde_yaml::{Mapping, Value};
 
-use crate::envoy::normalize_host;
+use crate::args::SocketAddr;
+use crate::envoy::{backend_authority, map, socket_address, typed};
 
 /// Name of the rate limit service's cluster in a rendered bootstrap.
 pub const CLUSTER: &str = "llm-ratelimit";
@@ -69,19 +70,7 @@ pub fn plan(config: &FilterConfig) -> Vec<RuleBudgets> {
             if limits.is_empty() {
                 continue;
             }
-            let backends = rule
-                .backend_refs
-                .iter()
-                .map(|b| {
-                    let host = normalize_host(&b.provider_host);
-                    let authority = b
-                        .host_rewrite
-                        .as_deref()
-                        .map(normalize_host)
-                        .unwrap_or_else(|| host.clone());
-                    (authority, host)
-                })
-                .collect();
+            let backends = rule.backend_refs.iter().map(backend_authority).collect();
             out.push(RuleBudgets {
                 at: format!("{resource}: rules[{r}].limits"),
                 backends,
@@ -133,26 +122,6 @@ pub fn require_service(plan: &[RuleBudgets], given: bool, flag: &str) -> Result<
     }
 }
 
-fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
-    let mut m = Mapping::new();
-    for (k, v) in entries {
-        m.insert(Value::String(k.to_string()), v);
-    }
-    Value::Mapping(m)
-}
-
-fn typed<const N: usize>(type_name: &str, fields: [(&str, Value); N]) -> Value {
-    let mut m = Mapping::new();
-    m.insert(
-        "@type".into(),
-        format!("type.googleapis.com/{type_name}").into(),
-    );
-    for (k, v) in fields {
-        m.insert(Value::String(k.to_string()), v);
-    }
-    Value::Mapping(m)
-}
-
 /// The HTTP filter, placed after the llm-filter (it reads the filter state the llm-filter
 /// sets) and before the router. `cluster`: the service's cluster.
 pub fn http_filter(cluster: &str, failure: Failure) -> Value {
@@ -188,9 +157,9 @@ pub fn http_filter(cluster: &str, failure: Failure) -> Value {
     ])
 }
 
-/// The service's cluster for a bootstrap: gRPC (HTTP/2) to `address:port`, by DNS for a name.
-pub fn cluster(address: &str, port: u16) -> Value {
-    let is_ip = address.parse::<std::net::IpAddr>().is_ok();
+/// The service's cluster for a bootstrap: gRPC (HTTP/2) to `address`, by DNS for a name.
+pub fn cluster(address: &SocketAddr) -> Value {
+    let is_ip = address.address.parse::<std::net::IpAddr>().is_ok();
     let mut c = Mapping::new();
     c.insert("name".into(), CLUSTER.into());
     c.insert(
@@ -221,16 +190,7 @@ pub fn cluster(address: &str, port: u16) -> Value {
                     "lb_endpoints",
                     Value::Sequence(vec![map([(
                         "endpoint",
-                        map([(
-                            "address",
-                            map([(
-                                "socket_address",
-                                map([
-                                    ("address", address.into()),
-                                    ("port_value", u64::from(port).into()),
-                                ]),
-                            )]),
-                        )]),
+                        map([("address", socket_address(address))]),
                     )])]),
                 )])]),
             ),
@@ -455,36 +415,27 @@ pub(crate) mod tests {
     use super::*;
     use llm_filter::policy::Policy;
 
-    pub(crate) const BUDGETS: &str = "apiVersion: istio.alibabacloud.com/v1beta1
-kind: LLMProvider
-metadata: {name: dashscope-qwen}
-spec:
-  host: dashscope.aliyuncs.com
-  path: /compatible-mode/v1/chat/completions
-  configs: {defaultConfig: {openAIConfig: {model: qwen-turbo, apiKey: sk-a}}}
----
-apiVersion: istio.alibabacloud.com/v1beta1
-kind: LLMProvider
-metadata: {name: moonshot}
-spec:
-  host: api.moonshot.cn
-  path: /v1/chat/completions
-  configs: {defaultConfig: {openAIConfig: {model: moonshot-v1-8k, apiKey: sk-b}}}
----
-apiVersion: istio.alibabacloud.com/v1beta1
-kind: LLMRoute
-metadata: {name: chat, namespace: team}
+    /// The two providers of `render envoy`'s fallback tests, and a route whose first rule has
+    /// a token budget per user and a request budget, its backend rewritten to qwen.internal.
+    pub(crate) fn budgets() -> String {
+        let fallback = crate::envoy::tests::FALLBACK;
+        let route = "kind: LLMRoute\n";
+        let providers = &fallback[..fallback.find(route).map_or(0, |i| i + route.len())];
+        format!(
+            "{providers}metadata: {{name: chat, namespace: team}}
 spec:
   host: test.com
   rules:
   - name: migrate-rule
-    matches: [{headers: {x-plan: {exact: free}}}]
+    matches: [{{headers: {{x-plan: {{exact: free}}}}}}]
     limits:
-    - {name: per-user, tokens: 1000, per: minute, key: {header: X-User-Id}}
-    - {name: all, requests: 100, per: hour}
-    backendRefs: [{providerHost: dashscope.aliyuncs.com, hostRewrite: qwen.internal}]
-  - backendRefs: [{providerHost: api.moonshot.cn}]
-";
+    - {{name: per-user, tokens: 1000, per: minute, key: {{header: X-User-Id}}}}
+    - {{name: all, requests: 100, per: hour}}
+    backendRefs: [{{providerHost: dashscope.aliyuncs.com, hostRewrite: qwen.internal}}]
+  - backendRefs: [{{providerHost: api.moonshot.cn}}]
+"
+        )
+    }
 
     fn config(text: &str) -> FilterConfig {
         let config = FilterConfig::parse(text).unwrap();
@@ -494,7 +445,7 @@ spec:
 
     #[test]
     fn the_service_gets_one_descriptor_per_limit_with_a_budget_per_key() {
-        let out = render(&config(BUDGETS), &[PathBuf::from("b.yaml")]).unwrap();
+        let out = render(&config(&budgets()), &[PathBuf::from("b.yaml")]).unwrap();
         assert!(out.starts_with("# Generated by `llm-filter render ratelimit` from b.yaml."));
         assert!(out.contains("#   team/chat/migrate-rule/per-user: 1000 tokens per minute, per value of x-user-id\n"), "{out}");
         let doc: Value = serde_yaml::from_str(&out).unwrap();
@@ -514,14 +465,14 @@ descriptors:
         )
         .unwrap();
         assert_eq!(doc, want);
-        let none = render(&config(&BUDGETS.replace("    limits:\n    - {name: per-user, tokens: 1000, per: minute, key: {header: X-User-Id}}\n    - {name: all, requests: 100, per: hour}\n", "")), &[]).unwrap();
+        let none = render(&config(&budgets().replace("    limits:\n    - {name: per-user, tokens: 1000, per: minute, key: {header: X-User-Id}}\n    - {name: all, requests: 100, per: hour}\n", "")), &[]).unwrap();
         let doc: Value = serde_yaml::from_str(&none).unwrap();
         assert_eq!(doc["descriptors"], Value::Sequence(vec![]));
     }
 
     #[test]
     fn routes_get_a_check_and_a_debit_per_token_limit_and_a_count_per_request_limit() {
-        let plan = plan(&config(BUDGETS));
+        let plan = plan(&config(&budgets()));
         assert!(limits_for_provider(&plan, "api.moonshot.cn").is_empty());
         assert_eq!(authorities(&plan), ["qwen.internal"]);
         let limits = limits_for_provider(&plan, "dashscope.aliyuncs.com");
@@ -583,7 +534,13 @@ descriptors:
             "rate_limit_exceeded"
         );
         assert_eq!(rl["headers_to_add"][0]["header"]["key"], "retry-after");
-        assert_eq!(cluster("127.0.0.1", 8081)["type"], "STATIC");
-        assert_eq!(cluster("ratelimit.svc", 8081)["type"], "STRICT_DNS");
+        assert_eq!(
+            cluster(&SocketAddr::new("127.0.0.1", 8081))["type"],
+            "STATIC"
+        );
+        assert_eq!(
+            cluster(&SocketAddr::new("ratelimit.svc", 8081))["type"],
+            "STRICT_DNS"
+        );
     }
 }
