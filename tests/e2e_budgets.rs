@@ -314,6 +314,42 @@ async fn budgets_work_the_same_when_the_headers_go_on_before_the_body() {
     assert!(!b.envoys[0].log().contains("Invalid hits_addend"));
 }
 
+/// `render istio` puts the entries on Istio's virtual host (`VIRTUAL_HOST` `MERGE`), not on its
+/// routes: Envoy takes a virtual host's per-filter config for a route that has none.
+#[tokio::test]
+async fn entries_on_the_virtual_host_count_as_render_istio_places_them() {
+    let limit = 100;
+    let b = Budgets::start_with("vhost", &manifests(limit), &[&[]], |yaml| {
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        let hcm = &mut doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+            ["typed_config"];
+        let mut moved = 0;
+        for vhost in hcm["route_config"]["virtual_hosts"]
+            .as_sequence_mut()
+            .unwrap()
+        {
+            let mut entries = None;
+            for route in vhost["routes"].as_sequence_mut().unwrap() {
+                if let Some(m) = route.as_mapping_mut() {
+                    entries = m.remove("typed_per_filter_config").or(entries);
+                }
+            }
+            if let (Some(entries), Some(m)) = (entries, vhost.as_mapping_mut()) {
+                m.insert("typed_per_filter_config".into(), entries);
+                moved += 1;
+            }
+        }
+        assert_eq!(moved, 1, "the provider's virtual host");
+        serde_yaml::to_string(&doc).unwrap()
+    });
+    let (spent, last) = spend(&b, "alice", &[0], 0).await;
+    assert!(
+        spent > u64::from(limit) && spent - last <= u64::from(limit),
+        "{spent} {last}"
+    );
+    assert_refused(&b.send(0, &chat("tokens", Some("alice"))).await, limit);
+}
+
 #[tokio::test]
 async fn streamed_usage_is_debited_and_an_answer_without_usage_debits_nothing() {
     let b = Budgets::start("stream", &manifests(10_000), &[&[]]);
