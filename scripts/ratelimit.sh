@@ -13,8 +13,8 @@
 #   redis=127.0.0.1:PORT
 #
 # FILE is the service's configuration, as `llm-filter render ratelimit MANIFESTS` prints it
-# (without one, the domain has no limits). The service reloads it when the copy in
-# DIR/runtime/ratelimit/config/ changes. Redis keeps its counters in an append-only file in
+# (without one, the configuration already in DIR, else a domain with no limits). The service
+# reloads it when its copy, DIR/runtime/ratelimit/config/llm-filter.yaml, changes. Redis keeps its counters in an append-only file in
 # DIR/redis (fsync every second), so budgets survive a restart of Redis. up on a DIR that
 # already runs stops that instance first; down stops both. DIR defaults to .work/ratelimit.
 # Logs: DIR/redis.log, DIR/ratelimit.log. Environment: RATELIMIT_LOG_LEVEL (the service's
