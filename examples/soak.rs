@@ -1,4 +1,4 @@
-//! soak: a long run through real Envoy with the filter (issue 7), driven by `scripts/soak.sh`.
+//! soak: a long run through real Envoy with the filter, driven by `scripts/soak.sh`.
 //!
 //! ```text
 //! soak --envoy PATH --wasm PATH [--requests N] [--connections C] [--out DIR]

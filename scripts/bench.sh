@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The filter measured against plain Envoy (issue 6): a benchmark, not a test (scripts/test.sh
-# does not run it, and nothing here fails on a missed budget; the table says it).
+# The filter measured against plain Envoy: a benchmark, not a test (scripts/test.sh
+# does not run it, and nothing here fails on a missed target; the table says it).
 #
 #   scripts/bench.sh [--quick] [--rounds N] [--duration S] [--peers]
 #

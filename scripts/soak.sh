@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Soak test (issue 7; not part of scripts/test.sh): the release filter in real Envoy
+# Soak test (not part of scripts/test.sh): the release filter in real Envoy
 # (envoy/mesh.yaml, --concurrency 1) against the mock providers, under >= 100k mixed requests
 # from examples/soak.rs over 16 keep-alive connections: valid ~1 KB chat bodies (200),
 # invalid bodies (400 with their OpenAI error code), streamed requests (200 SSE ending

@@ -649,10 +649,14 @@ impl FilterConfig {
         let resource = resource_name(kind, &value);
         let api_version = value.get("apiVersion").and_then(Value::as_str);
         if api_version != Some(API_VERSION) {
+            let found = match api_version {
+                Some(v) => format!("{v:?}"),
+                None => "none".to_string(),
+            };
             return Err(ConfigError::new(
                 resource,
                 "apiVersion",
-                format!("expected {API_VERSION:?}, found {api_version:?}"),
+                format!("expected {API_VERSION:?}, found {found}"),
             ));
         }
         match kind {

@@ -340,8 +340,8 @@ mod tests {
 
     #[test]
     fn empty_chunk_between_cr_and_lf_changes_nothing() {
-        // Found by tests/properties.rs: an empty chunk used to forget the pending `\r`, so the
-        // `\n` after it ended the event early.
+        // An empty chunk must not forget a pending `\r`, or the `\n` after it would end the
+        // event early.
         let stream = b"data: {\"model\":\r\ndata: \"two-lines\"}\r\n\r\n";
         let mut reader = SseReader::new();
         reader.feed(&stream[..16]);

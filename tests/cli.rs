@@ -370,10 +370,87 @@ fn render_envoy_refuses_bad_options_with_one_line() {
     let out = run(llm_filter(&["render", "envoy"]));
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
-    assert!(stderr_lines(&out)[0].contains("no manifest files given"));
+    let err = stderr_lines(&out).join("\n");
+    assert!(
+        err.contains("required arguments were not provided") && err.contains("<FILE>..."),
+        "{err}"
+    );
+    assert!(err.contains("Usage: llm-filter render envoy"), "{err}");
 }
 
-/// Issue 8's fields go through `check` like the others: a bad `modelMapping` key and a bad
+#[test]
+fn usage_errors_exit_2_with_the_usage_on_stderr() {
+    for args in [
+        vec![],
+        vec!["frobnicate"],
+        vec!["render"],
+        vec!["render", "nginx", SEED_MESH],
+        vec!["check"],
+        vec!["check", SEED_MESH, "--wasm", "x.wasm"],
+        vec!["render", "envoy", SEED_MESH, "--listen", "10000"],
+        vec!["completions", "tcsh"],
+    ] {
+        let out = run(llm_filter(&args));
+        let err = stderr_lines(&out).join("\n");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: {}", stdout(&out));
+        // A command without its subcommand gets its help (on stderr); anything else clap's
+        // one error.
+        assert!(
+            err.starts_with("error: ") || err.contains("\nUsage: llm-filter"),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("--help"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn help_and_version_go_to_stdout_with_an_example_for_every_command() {
+    for args in [
+        vec!["--help"],
+        vec!["check", "--help"],
+        vec!["render", "--help"],
+        vec!["render", "envoy", "--help"],
+        vec!["render", "istio", "--help"],
+        vec!["crds", "--help"],
+        vec!["completions", "--help"],
+        vec!["help", "render", "envoy"],
+    ] {
+        let out = run(llm_filter(&args));
+        assert!(out.status.success(), "{args:?}: {:?}", stderr_lines(&out));
+        let help = stdout(&out);
+        assert!(help.contains("Usage: llm-filter"), "{args:?}: {help}");
+        assert!(
+            help.contains("Example"),
+            "{args:?} shows no example: {help}"
+        );
+    }
+    let out = run(llm_filter(&["--version"]));
+    assert!(out.status.success());
+    assert_eq!(
+        stdout(&out),
+        format!("llm-filter {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn completions_are_scripts_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef llm-filter"),
+        ("fish", "complete -c llm-filter"),
+    ] {
+        let out = run(llm_filter(&["completions", shell]));
+        assert!(out.status.success(), "{shell}: {:?}", stderr_lines(&out));
+        let script = stdout(&out);
+        assert!(script.contains(marker), "{shell}: {script}");
+        for word in ["check", "render", "extend", "wasm-url"] {
+            assert!(script.contains(word), "{shell}: no {word} in {script}");
+        }
+    }
+}
+
+/// The model fields go through `check` like the others: a bad `modelMapping` key and a bad
 /// `matches[].model` regex are each one line naming file, resource and field.
 #[test]
 fn check_reports_model_fields() {

@@ -1,6 +1,6 @@
 #![cfg(not(target_arch = "wasm32"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! Cross-provider fallback (issue 9) through the bootstrap `llm-filter render envoy` writes:
+//! Cross-provider fallback through the bootstrap `llm-filter render envoy` writes:
 //! Envoy retries a failed request on the next provider through an aggregate cluster, and the
 //! filter's upstream part rewrites each attempt for its own provider. One mock serves both
 //! provider hosts on one address, so attempts can only be told apart by the endpoint metadata

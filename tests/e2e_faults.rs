@@ -1,6 +1,6 @@
 #![cfg(not(target_arch = "wasm32"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! Upstream faults end to end (issue 7, "Long runs and faults"): real Envoy running the shipped
+//! Upstream faults end to end: real Envoy running the shipped
 //! `envoy/mesh.yaml` with the release wasm, and a provider that refuses connections, resets a
 //! stream after its first event, is slow to its first byte, or answers 429/500/503.
 //!

@@ -1,11 +1,11 @@
 #![cfg(not(target_arch = "wasm32"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! Hostile input, row by row (issue 7, README "Hostile input"): real Envoy, the release wasm,
+//! Hostile input, row by row (docs/security.md, "Hostile input"): real Envoy, the release wasm,
 //! the shipped `envoy/mesh.yaml` and the HTTPS mock provider. Every invalid body gets its
 //! exact status and OpenAI error code and reaches no provider; every valid but odd request is
 //! routed and arrives as the filter should send it; and Envoy's log shows no wasm failure.
 //!
-//! Rows already proven elsewhere are not repeated here: see the README table.
+//! Rows already proven elsewhere are not repeated here: see the table in docs/security.md.
 
 mod support;
 

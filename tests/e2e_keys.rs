@@ -1,6 +1,6 @@
 #![cfg(not(target_arch = "wasm32"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! API keys (issue 7): `openAIConfig.apiKeyFromEnv` takes the key from Envoy's environment
+//! API keys: `openAIConfig.apiKeyFromEnv` takes the key from Envoy's environment
 //! through `vm_config.environment_variables`, so the rendered bootstrap holds no key; and a key
 //! reaches only the provider it belongs to, never a log line at trace level, an error body or a
 //! response.

@@ -1,6 +1,6 @@
 #![cfg(not(target_arch = "wasm32"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! Model-aware routing and model mapping (issue 8), through the bootstrap `llm-filter render
+//! Model-aware routing and model mapping, through the bootstrap `llm-filter render
 //! envoy` makes: `matches[].model` routes on the body's model (the filter holds the headers
 //! until the body is read), `openAIConfig.modelMapping` renames it for the provider, and
 //! `GET /v1/models` lists what a client may ask for.

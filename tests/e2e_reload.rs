@@ -1,6 +1,6 @@
 #![cfg(not(target_arch = "wasm32"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! Configuration changes under traffic (issue 7): Envoy reads its listener, which holds the
+//! Configuration changes under traffic: Envoy reads its listener, which holds the
 //! http_connection_manager with the llm-filter and the filter's configuration, from a watched
 //! file (`dynamic_resources.lds_config.path_config_source` with `watched_directory`). The
 //! test moves new files into place atomically (write a temp file in the same directory, then

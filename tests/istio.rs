@@ -1,5 +1,5 @@
 //! `llm-filter render istio` and `llm-filter crds`, checked structurally: the seeds' manifests,
-//! verbatim, become the Istio resources the README describes, and the CRD schemas accept the
+//! verbatim, become the Istio resources docs/istio.md describes, and the CRD schemas accept the
 //! seeds and refuse what the filter refuses (and accept nothing the filter refuses, beyond the
 //! cross-resource checks a schema cannot make). The EnvoyFilters it writes (model routing,
 //! fallback) are checked against Istio's own EnvoyFilter schema.

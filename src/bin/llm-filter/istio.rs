@@ -240,7 +240,8 @@ fn filter_envoy_filter(
             "An LLMRoute matches on the request's model, which needs the body before routing: \
              a WasmPlugin cannot let the filter hold the headers, so the filter is inserted by \
              this EnvoyFilter (allow_on_headers_stop_iteration, settings.forwardAfterBody). \
-             Mount the module at {MOUNTED_WASM} in the istio-proxy container (see the README)."
+             Mount the module at {MOUNTED_WASM} in the istio-proxy container (see \
+             docs/istio.md)."
         ));
     }
     if let Some(fallback_filter) = fallback_filter {
@@ -250,7 +251,7 @@ fn filter_envoy_filter(
              a WasmPlugin cannot provide; so the filter itself comes from the same file through \
              this EnvoyFilter rather than a WasmPlugin (allow_on_headers_stop_iteration, \
              settings.forwardAfterBody). Mount the module at {MOUNTED_WASM} in the istio-proxy \
-             container (see the README)."
+             container (see docs/istio.md)."
         ));
     }
     for (i, reason) in reasons.into_iter().enumerate() {

@@ -1,20 +1,11 @@
 //! `llm-filter`: the host-side companion of the filter. It reads the same `LLMProvider` /
 //! `LLMRoute` manifests with the same parsing and validation code as the filter, so a
-//! configuration that renders is one the filter accepts.
-//!
-//! ```text
-//! llm-filter check FILE...
-//! llm-filter render envoy FILE... [--wasm PATH] [--listen ADDR:PORT] [--admin ADDR:PORT]
-//!                                 [--endpoint HOST=ADDR:PORT]... [--ca FILE] [--extend FILE]...
-//!                                 [--ratelimit ADDR:PORT [--ratelimit-failure open|closed]]
-//! llm-filter render istio FILE... [--wasm-url URL]
-//!                                 [--ratelimit HOST:PORT [--ratelimit-failure open|closed]]
-//! llm-filter render ratelimit FILE...
-//! llm-filter crds
-//! ```
+//! configuration that renders is one the filter accepts. `llm-filter --help` lists the
+//! commands (`check`, `render envoy`, `render istio`, `render ratelimit`, `crds`,
+//! `completions`).
 //!
 //! Output goes to stdout only once everything succeeded; errors go to stderr, one line each,
-//! and the exit code is 1 (2 for a usage error).
+//! and the exit code is 1 (2 for a usage error, reported by clap).
 
 #[cfg(target_arch = "wasm32")]
 fn main() {}
@@ -37,8 +28,11 @@ fn main() -> std::process::ExitCode {
     use std::io::Write;
     use std::process::ExitCode;
 
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    match run(&argv) {
+    use clap::Parser;
+
+    // Usage errors, --help and --version: clap prints them and exits (2 for a usage error).
+    let cli = args::Cli::parse();
+    match run(cli.command) {
         Ok(output) => {
             let mut stdout = std::io::stdout().lock();
             if stdout
@@ -50,11 +44,7 @@ fn main() -> std::process::ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(Failure::Usage(message)) => {
-            eprintln!("llm-filter: {message}\n\n{}", args::USAGE);
-            ExitCode::from(2)
-        }
-        Err(Failure::Errors(lines)) => {
+        Err(lines) => {
             for line in lines {
                 eprintln!("{line}");
             }
@@ -63,40 +53,41 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Why a command produced no output.
+/// Runs one command and returns what it prints on success, or one line per problem with the
+/// input, each naming the file.
 #[cfg(not(target_arch = "wasm32"))]
-#[derive(Debug)]
-pub enum Failure {
-    /// The command line is wrong.
-    Usage(String),
-    /// The input is wrong: one line per problem, each naming the file.
-    Errors(Vec<String>),
-}
+fn run(command: args::Command) -> Result<String, Vec<String>> {
+    use args::{Command, Render};
 
-/// Runs one command and returns what it prints on success.
-#[cfg(not(target_arch = "wasm32"))]
-fn run(argv: &[String]) -> Result<String, Failure> {
-    let command = args::parse(argv).map_err(Failure::Usage)?;
     match command {
-        args::Command::Help => Ok(format!("{}\n", args::USAGE)),
-        args::Command::Crds => Ok(crds::render()),
-        args::Command::Check { files } => {
-            input::check(&files).map_err(Failure::Errors)?;
+        Command::Crds => Ok(crds::render()),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            let mut cli = <args::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "llm-filter", &mut out);
+            String::from_utf8(out).map_err(|e| vec![format!("completions: {e}")])
+        }
+        Command::Check(args) => {
+            input::check(&args.files)?;
             Ok(String::new())
         }
-        args::Command::RenderEnvoy { files, options } => {
-            let loaded = input::load_for_render(&files).map_err(Failure::Errors)?;
-            envoy::render(&loaded.config, &options, &files).map_err(|e| Failure::Errors(vec![e]))
+        Command::Render(Render::Envoy(args)) => {
+            let loaded = input::load_for_render(&args.files)?;
+            envoy::render(&loaded.config, &args.options.options(), &args.files).map_err(|e| vec![e])
         }
-        args::Command::RenderIstio { files, options } => {
-            let loaded = input::load_for_render(&files).map_err(Failure::Errors)?;
-            istio::render(&loaded.config, &options).map_err(|e| Failure::Errors(vec![e]))
+        Command::Render(Render::Istio(args)) => {
+            let loaded = input::load_for_render(&args.files)?;
+            let options = args::IstioOptions {
+                wasm_url: args.wasm_url,
+                ratelimit: args.ratelimit.service(),
+            };
+            istio::render(&loaded.config, &options).map_err(|e| vec![e])
         }
-        args::Command::RenderRateLimit { files } => {
+        Command::Render(Render::Ratelimit(args)) => {
             // No API keys in this output: `${NAME}` need not be set.
-            let loaded = input::load(&files).map_err(Failure::Errors)?;
-            loaded.validate().map_err(Failure::Errors)?;
-            ratelimit::render(&loaded.config, &files).map_err(|e| Failure::Errors(vec![e]))
+            let loaded = input::load(&args.files)?;
+            loaded.validate()?;
+            ratelimit::render(&loaded.config, &args.files).map_err(|e| vec![e])
         }
     }
 }
