@@ -15,6 +15,8 @@
 //! - `--wasm PATH`: the filter to load (default: the absolute path of
 //!   `target/wasm32-wasip1/release/llm_filter.wasm`, honouring `CARGO_TARGET_DIR`).
 //! - `--provider-port N`, `--local-port N`: fixed ports for the mocks (default: any free port).
+//! - `--cluster NAME=ADDR:PORT` (repeatable): point that plain cluster at a running service
+//!   instead (e.g. `llm-ratelimit` at the rate limit service of `scripts/ratelimit.sh up`).
 //!
 //! What it does:
 //! - generates a throw-away CA and writes `DIR/ca.pem`; starts one HTTPS mock provider
@@ -74,11 +76,12 @@ mod host {
         wasm: PathBuf,
         provider_port: u16,
         local_port: u16,
+        clusters: Vec<(String, std::net::SocketAddr)>,
     }
 
     fn usage() -> &'static str {
         "usage: mock_stack --out DIR [--config FILE=PORT ...] [--host NAME ...] \
-         [--wasm PATH] [--provider-port N] [--local-port N]"
+         [--wasm PATH] [--provider-port N] [--local-port N] [--cluster NAME=ADDR:PORT ...]"
     }
 
     fn default_wasm() -> PathBuf {
@@ -106,6 +109,7 @@ mod host {
         let mut wasm = None;
         let mut provider_port = 0;
         let mut local_port = 0;
+        let mut clusters = Vec::new();
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
             if flag == "-h" || flag == "--help" {
@@ -133,6 +137,15 @@ mod host {
                 "--wasm" => wasm = Some(PathBuf::from(value)),
                 "--provider-port" => provider_port = parse_port(&value, &flag)?,
                 "--local-port" => local_port = parse_port(&value, &flag)?,
+                "--cluster" => {
+                    let (name, addr) = value
+                        .split_once('=')
+                        .ok_or_else(|| format!("--cluster {value}: expected NAME=ADDR:PORT"))?;
+                    let addr = addr
+                        .parse()
+                        .map_err(|_| format!("--cluster {value}: {addr} is not ADDR:PORT"))?;
+                    clusters.push((name.to_string(), addr));
+                }
                 _ => return Err(format!("unknown flag {flag}\n{}", usage())),
             }
         }
@@ -152,6 +165,7 @@ mod host {
             wasm,
             provider_port,
             local_port,
+            clusters,
         })
     }
 
@@ -219,10 +233,13 @@ mod host {
                 listener_port: port,
                 admin_port: port + 1000,
                 provider_addr: provider.addr(),
-                plain_clusters: vec![
-                    ("local-service".into(), local.addr()),
-                    ("ext-authz".into(), authz.addr()),
-                ],
+                plain_clusters: [
+                    ("local-service".to_string(), local.addr()),
+                    ("ext-authz".to_string(), authz.addr()),
+                ]
+                .into_iter()
+                .chain(args.clusters.iter().cloned())
+                .collect(),
                 ca_file: &ca,
                 wasm_file: &args.wasm,
             };

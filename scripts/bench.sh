@@ -35,6 +35,11 @@
 # calls the route's host, the filter picks the rule and rewrites for its provider),
 # BENCH_FALLBACK=1 through the same rule with a fallback provider (an aggregate cluster, a retry
 # policy and the filter's upstream part on every request; no provider fails): compare the two.
+# BENCH_LIMITED=1 sends them through the same rule with a token budget per user (`limits`, the
+# limit never reached): Envoy's rate limit filter, a check at request time and a debit when the
+# stream is done, both gRPC calls to the rate limit service (scripts/ratelimit.sh, on core 0
+# with the load) on Redis; compare it with BENCH_ROUTED=1. Every client request carries
+# `x-user-id` either way.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -177,6 +182,9 @@ sed 's/"gpt-4o-mini"/"bench-stream"/' "$RUN/body-stream.json" >"$RUN/body-stream
 CHAT_PROVIDER_HOST=$LLM_HOST
 [ "${BENCH_MODEL_ROUTED:-0}" = 1 ] && CHAT_PROVIDER_HOST=chat.provider.bench.local
 [ "${BENCH_FALLBACK:-0}" = 1 ] && BENCH_ROUTED=1
+[ "${BENCH_LIMITED:-0}" = 1 ] && BENCH_ROUTED=1
+[ "${BENCH_LIMITED:-0}" = 1 ] && [ "${BENCH_FALLBACK:-0}" = 1 ] &&
+    die "BENCH_LIMITED and BENCH_FALLBACK each compare with BENCH_ROUTED: set one"
 [ "${BENCH_ROUTED:-0}" = 1 ] && CHAT_PROVIDER_HOST=chat.provider.bench.local
 [ "${BENCH_ROUTED:-0}" = 1 ] && [ "${BENCH_MODEL_ROUTED:-0}" = 1 ] &&
     die "BENCH_ROUTED/BENCH_FALLBACK and BENCH_MODEL_ROUTED measure different routes: set one"
@@ -260,12 +268,29 @@ spec:
 EOF
     [ "${BENCH_FALLBACK:-0}" = 1 ] &&
         echo "    fallback: { providers: [$FALLBACK_HOST] }" >>"$RUN/manifests.yaml"
+    # A budget the run never spends (29 tokens an answer): every request is checked and debited.
+    [ "${BENCH_LIMITED:-0}" = 1 ] &&
+        echo "    limits: [{ name: per-user, tokens: 4000000000, per: minute, key: { header: x-user-id } }]" >>"$RUN/manifests.yaml"
 fi
 if [ "${BENCH_HOLD_HEADERS:-1}" = 1 ]; then
     printf -- '---\nsettings: { forwardAfterBody: true }\n' >>"$RUN/manifests.yaml"
     ALLOW_STOP=true
 else
     ALLOW_STOP=false
+fi
+
+# BENCH_LIMITED=1: the rate limit service with the budget (as `llm-filter render ratelimit`
+# prints it), on the load's core.
+RATELIMIT_WORK="$BENCH_DIR/ratelimit"
+RATELIMIT_ADDR=""
+if [ "${BENCH_LIMITED:-0}" = 1 ]; then
+    cargo build --quiet --bin llm-filter
+    "${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/llm-filter" render ratelimit "$RUN/manifests.yaml" \
+        >"$RUN/ratelimit.yaml" || die "llm-filter render ratelimit failed"
+    RATELIMIT_ADDR="$(RATELIMIT_LOG_LEVEL=warn "${LOAD_CPU[@]}" bash scripts/ratelimit.sh up \
+        --config "$RUN/ratelimit.yaml" --work "$RATELIMIT_WORK" | sed -n 's/^ratelimit=//p')"
+    [ -n "$RATELIMIT_ADDR" ] || die "scripts/ratelimit.sh up printed no ratelimit=ADDR:PORT"
+    trap 'bash scripts/ratelimit.sh down --work "$RATELIMIT_WORK"' EXIT
 fi
 
 # envoy_config PORT ADMIN FILTER(0|1): the one template both Envoys are made from.
@@ -322,6 +347,29 @@ EOF
     cat <<EOF
               - match: { prefix: / }
                 route: { cluster: upstream, timeout: 300s, idle_timeout: 0s }
+EOF
+    # BENCH_LIMITED=1: the rule's entries as `llm-filter render envoy --ratelimit` writes them.
+    if [ "$with_filter" = 1 ] && [ "${BENCH_LIMITED:-0}" = 1 ]; then
+        local id=default/bench-fallback/ha/per-user
+        cat <<EOF
+                typed_per_filter_config:
+                  envoy.filters.http.ratelimit:
+                    '@type': type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute
+                    rate_limits:
+                    - actions: &actions
+                      - generic_key: { descriptor_key: llm_limit, descriptor_value: $id }
+                      - extension:
+                          name: x-user-id
+                          typed_config:
+                            '@type': type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.FilterStateInput
+                            key: wasm.llm.limit.$id
+                      hits_addend: { number: 0 }
+                    - actions: *actions
+                      apply_on_stream_done: true
+                      hits_addend: { format: '%FILTER_STATE(wasm.llm.debit:PLAIN)%' }
+EOF
+    fi
+    cat <<EOF
           http_filters:
 EOF
     if [ "$with_filter" = 1 ] && [ "${BENCH_APM:-0}" = 1 ]; then
@@ -350,6 +398,21 @@ EOF
 $(sed 's/^/                    /' "$RUN/manifests.yaml")
 EOF
     fi
+    if [ "$with_filter" = 1 ] && [ "${BENCH_LIMITED:-0}" = 1 ]; then
+        cat <<EOF
+          - name: envoy.filters.http.ratelimit
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
+              domain: llm-filter
+              timeout: 1s
+              failure_mode_deny: false
+              enable_x_ratelimit_headers: DRAFT_VERSION_03
+              status_on_error: { code: ServiceUnavailable }
+              rate_limit_service:
+                transport_api_version: V3
+                grpc_service: { envoy_grpc: { cluster_name: llm-ratelimit } }
+EOF
+    fi
     cat <<EOF
           - name: envoy.filters.http.router
             typed_config:
@@ -365,6 +428,22 @@ EOF
       - lb_endpoints:
         - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $NGINX_PORT } } }
 EOF
+    if [ "$with_filter" = 1 ] && [ "${BENCH_LIMITED:-0}" = 1 ]; then
+        cat <<EOF
+  - name: llm-ratelimit
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }
+    load_assignment:
+      cluster_name: llm-ratelimit
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: ${RATELIMIT_ADDR%:*}, port_value: ${RATELIMIT_ADDR##*:} } } }
+EOF
+    fi
     if [ "$with_filter" = 1 ] && [ "${BENCH_FALLBACK:-0}" = 1 ]; then
         local name host
         for name in chat fallback-provider; do
@@ -511,6 +590,7 @@ function init(args)
   wrk.headers["Host"] = args[2]
   wrk.headers["Content-Type"] = "application/json"
   wrk.headers["Authorization"] = "Bearer " .. args[3]
+  wrk.headers["x-user-id"] = "bench-user"
 end
 function done(s, latency, requests)
   local e = s.errors
@@ -531,7 +611,8 @@ runs, targets, key = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 def once(t):
     body = open(t["body"], "rb").read()
     req = ("POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-           "Authorization: Bearer %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+           "Authorization: Bearer %s\r\nx-user-id: bench-user\r\nContent-Length: %d\r\n"
+           "Connection: close\r\n\r\n"
            % (t["host"], key, len(body))).encode() + body
     s = socket.create_connection(("127.0.0.1", t["port"]))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -573,6 +654,9 @@ stop_all() {
     for pid in "${PIDS[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
+    if [ -n "$RATELIMIT_ADDR" ]; then
+        bash scripts/ratelimit.sh down --work "$RATELIMIT_WORK" || true
+    fi
 }
 trap stop_all EXIT
 
@@ -641,29 +725,46 @@ if [ "${BENCH_FALLBACK:-0}" = 1 ]; then
     [ "${tried:-0}" -gt 0 ] || die "BENCH_FALLBACK=1 but no request went through the fallback cluster"
     ok "chat requests go through the fallback route ($tried so far)"
 fi
+if [ "${BENCH_LIMITED:-0}" = 1 ]; then
+    # The chat cases really ask the service (and nothing was refused).
+    asked="$(curl -fsS "http://127.0.0.1:$FILTER_ADMIN/stats?filter=^cluster%5C.upstream%5C.ratelimit%5C.ok$" | sed 's/.*: //')"
+    [ "${asked:-0}" -gt 0 ] || die "BENCH_LIMITED=1 but no request was checked by the rate limit service"
+    counted="$(redis-cli -p "$(sed -n 's/^redis=.*://p' "$RATELIMIT_WORK/addresses")" --scan | head -1)"
+    [ -n "$counted" ] || die "BENCH_LIMITED=1 but Redis holds no counter"
+    ok "chat requests are checked and debited by the rate limit service ($asked checks so far; $counted)"
+fi
 
 # ---------------------------------------------------------------------------- measure
-# cpu_ticks TARGET: user+system CPU time of that Envoy so far, in clock ticks (0 for others).
+# cpu_ticks TARGET: user+system CPU time of that Envoy so far, in clock ticks (0 for others);
+# target "service": the rate limit service and its Redis together (BENCH_LIMITED=1).
 CLK_TCK="$(getconf CLK_TCK)"
 cpu_ticks() {
-    local pid
-    case "$1" in plain) pid=$PLAIN_PID ;; filter) pid=$FILTER_PID ;; *) echo 0 && return ;; esac
+    local pids
+    case "$1" in
+    plain) pids=$PLAIN_PID ;;
+    filter) pids=$FILTER_PID ;;
+    service) pids="$(cat "$RATELIMIT_WORK/ratelimit.pid" "$RATELIMIT_WORK/redis.pid")" ;;
+    *) echo 0 && return ;;
+    esac
     # Fields 14 and 15 of /proc/PID/stat, counted after the ")" that ends the command name.
-    sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}'
+    for pid in $pids; do sed 's/.*) //' "/proc/$pid/stat"; done | awk '{t += $12 + $13} END {print t}'
 }
 # wrk_run KIND SIZE TARGET ROUND PORT CONNECTIONS [SECONDS]: one wrk run, one raw line (with
 # the Envoy's CPU ticks spent during the run).
 wrk_run() {
-    local kind=$1 size=$2 target=$3 round=$4 port=$5 conns=$6 secs=${7:-$DURATION} out t0
+    local kind=$1 size=$2 target=$3 round=$4 port=$5 conns=$6 secs=${7:-$DURATION} out t0 s0=0 s1=0
     t0="$(cpu_ticks "$target")"
+    if [ -n "$RATELIMIT_ADDR" ] && [ "$target" = filter ]; then s0="$(cpu_ticks service)"; fi
     out="$("${LOAD_CPU[@]}" wrk -t1 -c"$conns" -d"${secs}s" --timeout 30s --latency \
         -s "$RUN/post.lua" "http://127.0.0.1:$port/v1/chat/completions" \
         -- "$RUN/body-$size.json" "$LLM_HOST" "$CLIENT_KEY" 2>&1)" || die "wrk failed: $out"
     out="$(sed -n 's/^WRK_JSON //p' <<<"$out")"
     [ -n "$out" ] || die "wrk printed no result for $kind $size $target"
-    printf '{"kind":"%s","size":"%s","target":"%s","round":%s,"cpu_s":%s,"wrk":%s}\n' \
+    if [ -n "$RATELIMIT_ADDR" ] && [ "$target" = filter ]; then s1="$(cpu_ticks service)"; fi
+    printf '{"kind":"%s","size":"%s","target":"%s","round":%s,"cpu_s":%s,"service_cpu_s":%s,"wrk":%s}\n' \
         "$kind" "$size" "$target" "$round" \
         "$(awk -v a="$t0" -v b="$(cpu_ticks "$target")" -v hz="$CLK_TCK" 'BEGIN { print (b - a) / hz }')" \
+        "$(awk -v a="$s0" -v b="$s1" -v hz="$CLK_TCK" 'BEGIN { print (b - a) / hz }')" \
         "$out" >>"$RAW"
 }
 port_of() {
@@ -750,7 +851,7 @@ meta = {
     "envoy": "$ENVOY_VERSION_STRING", "rounds": $ROUNDS, "duration_s": $DURATION,
     "streaming_runs": $TTFE_RUNS, "memory_requests": $MEM_REQUESTS, "cores": "$CORES_NOTE",
     "upstream": "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') (echo module for the stream), plain HTTP",
-    "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "model_routed": ${BENCH_MODEL_ROUTED:-0}, "apm": ${BENCH_APM:-0}, "routed": ${BENCH_ROUTED:-0}, "fallback": ${BENCH_FALLBACK:-0}, "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
+    "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "model_routed": ${BENCH_MODEL_ROUTED:-0}, "apm": ${BENCH_APM:-0}, "routed": ${BENCH_ROUTED:-0}, "fallback": ${BENCH_FALLBACK:-0}, "limited": ${BENCH_LIMITED:-0}, "wasm": "$WASM", "wasm_bytes": $(wc -c <"$WASM"), "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",
     "litellm": "$LITELLM_VERSION", "litellm_note": "$LITELLM_NOTE",
 }
 med = statistics.median
@@ -799,6 +900,12 @@ for size, tput_budget in (("1KB", 0.85), ("64KB", 0.70), ("1MB", None)):
                and r["wrk"]["requests"]}
            for t in ("plain", "filter")}
     case(f"{size} Envoy CPU per request", "µs", cpu, "", lambda c: None, False)
+    if meta["limited"]:
+        # The rate limit service and Redis, during the filter Envoy's throughput runs.
+        service = [r["service_cpu_s"] * 1e6 / r["wrk"]["requests"] for r in rows
+                   if r["kind"] == "throughput" and r["size"] == size and r["target"] == "filter"
+                   and r["wrk"]["requests"]]
+        cases[-1]["service_cpu_us"] = med(service) if service else None
     # How busy the Envoy's core was: near 1.0 means Envoy, not the load side, was the limit.
     cases[-1]["core_busy"] = {
         t: med([r["cpu_s"] / (r["wrk"]["duration_us"] / 1e6) for r in rows
@@ -872,6 +979,10 @@ lines.append("| " + " | ".join(cells) + " |")
 table = "\n".join(lines)
 print(table)
 print()
+for c in cases:
+    if c.get("service_cpu_us") is not None:
+        print(f"{c['case']}: plus {c['service_cpu_us']:.0f} µs in the rate limit service and Redis "
+              "(median over rounds, during the filter Envoy's runs)")
 print(f"{meta['date']}, {meta['nproc']} cores ({meta['cpu']}), Envoy {meta['envoy']}, "
       f"{meta['rounds']} rounds of {meta['duration_s']} s, {meta['streaming_runs']} streaming runs, "
       f"{meta['cores']}; git {meta['git']}")

@@ -2,10 +2,12 @@
 # The seeds' scenarios, live on this machine, with stand-ins for the LLM providers:
 #   mock providers (examples/mock_stack.rs: TLS servers for dashscope.aliyuncs.com and
 #   api.moonshot.cn that answer like them and print every request they receive),
-#   a "mesh" Envoy   (envoy/mesh.yaml,    http://127.0.0.1:10000, admin :11000) and
-#   a "gateway" Envoy (envoy/gateway.yaml, http://127.0.0.1:10001, admin :11001),
-# both running the release llm-filter. Then it replays the seeds' curl requests and shows
-# each request and answer.
+#   a "mesh" Envoy   (envoy/mesh.yaml,    http://127.0.0.1:10000, admin :11000),
+#   a "gateway" Envoy (envoy/gateway.yaml, http://127.0.0.1:10001, admin :11001) and
+#   a "budgets" Envoy (envoy/budgets.yaml, http://127.0.0.1:10002, admin :11002) with Envoy's
+#   rate limit service on Redis (scripts/ratelimit.sh, configured by envoy/ratelimit/budgets.yaml),
+# all running the release llm-filter. Then it replays the seeds' curl requests, shows each
+# request and answer, and spends a user's token budget until the gateway refuses.
 #
 #   scripts/demo.sh                 run the demo, stop everything it started
 #   scripts/demo.sh --istio         the same requests through a local Istio mesh instead
@@ -15,7 +17,8 @@
 #   scripts/demo.sh --stop          stop a stack left running by --keep-running
 #
 # Exits 0 only if every scenario answered as the seeds say (qwen-turbo for subscribers,
-# moonshot-v1-8k among the demo-llm-server answers, `RBAC: access denied` for 127.0.0.2, ...).
+# moonshot-v1-8k among the demo-llm-server answers, `RBAC: access denied` for 127.0.0.2, ...)
+# and the budget ran out (429 rate_limit_exceeded, also for a client claiming to be someone else).
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -23,13 +26,15 @@ DEMO_DIR="$WORK_DIR/demo"
 PIDS_FILE="$WORK_DIR/demo.pids" # outside DEMO_DIR, which each run recreates
 MESH_PORT=10000
 GATEWAY_PORT=10001
+BUDGETS_PORT=10002
+RATELIMIT_WORK="$WORK_DIR/demo-ratelimit" # outside DEMO_DIR, which each run recreates
 MESH="http://127.0.0.1:$MESH_PORT"
 GATEWAY="http://127.0.0.1:$GATEWAY_PORT"
 KEEP_RUNNING=0
 STACK_UP=0
 PIDS=()
 
-usage() { sed -n '2,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,/^# shellcheck/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
 # Stop the processes recorded in $PIDS_FILE (each started with setsid: pid = process group),
 # after checking that the pid still is one of ours (a stale file may name a reused pid).
@@ -51,6 +56,11 @@ stop_recorded() {
     rm -f "$PIDS_FILE"
 }
 
+stop_ratelimit() {
+    [ -d "$RATELIMIT_WORK" ] || return 0
+    bash scripts/ratelimit.sh down --work "$RATELIMIT_WORK" || true
+}
+
 ISTIO=0
 MESH_WORK="$WORK_DIR/demo-mesh"
 for arg in "$@"; do
@@ -59,6 +69,7 @@ for arg in "$@"; do
     --keep-running) KEEP_RUNNING=1 ;;
     --stop)
         stop_recorded
+        stop_ratelimit
         [ ! -d "$MESH_WORK" ] || bash scripts/mesh.sh down --work "$MESH_WORK"
         exit 0
         ;;
@@ -81,6 +92,7 @@ cleanup() {
         exit "$rc"
     fi
     stop_recorded
+    stop_ratelimit
     [ "$ISTIO" = 0 ] || bash scripts/mesh.sh down --work "$MESH_WORK" >/dev/null 2>&1
     exit "$rc"
 }
@@ -147,7 +159,8 @@ if [ "$ISTIO" = 1 ]; then
     GATEWAY_ADMIN="http://$(sed -n 's/^gateway_admin=//p' <<<"$MESH_OUT")"
     MOCK_LOG="$MESH_WORK/mocks/mock.log"
 else
-    for p in $MESH_PORT $GATEWAY_PORT $((MESH_PORT + 1000)) $((GATEWAY_PORT + 1000)); do
+    stop_ratelimit
+    for p in $MESH_PORT $GATEWAY_PORT $BUDGETS_PORT $((MESH_PORT + 1000)) $((GATEWAY_PORT + 1000)) $((BUDGETS_PORT + 1000)); do
         port_busy "$p" && die "port $p is in use (a stack from 'scripts/demo.sh --keep-running'? stop it with scripts/demo.sh --stop)"
     done
     ensure_toolchain
@@ -157,33 +170,40 @@ else
 
     header "build"
     build_wasm
+    ensure_ratelimit
     log "cargo build --example mock_stack"
     cargo build --quiet --example mock_stack
 
     header "start the stack"
-    rm -rf "$DEMO_DIR"
+    rm -rf "$DEMO_DIR" "$RATELIMIT_WORK"
     mkdir -p "$DEMO_DIR"
+    # Fresh counters every run: the service's Redis keeps its data in $RATELIMIT_WORK.
+    RATELIMIT_ADDR="$(bash scripts/ratelimit.sh up --config envoy/ratelimit/budgets.yaml \
+        --work "$RATELIMIT_WORK" | sed -n 's/^ratelimit=//p')"
+    [ -n "$RATELIMIT_ADDR" ] || die "scripts/ratelimit.sh up printed no ratelimit=ADDR:PORT"
+    ok "rate limit service on $RATELIMIT_ADDR (logs ${RATELIMIT_WORK#"$REPO_ROOT"/}/)"
     MOCK_LOG="$DEMO_DIR/mock.log"
     start "mock providers" "$MOCK_LOG" cargo run --quiet --example mock_stack -- --out "$DEMO_DIR" \
-        --config "envoy/mesh.yaml=$MESH_PORT" --config "envoy/gateway.yaml=$GATEWAY_PORT"
+        --config "envoy/mesh.yaml=$MESH_PORT" --config "envoy/gateway.yaml=$GATEWAY_PORT" \
+        --config "envoy/budgets.yaml=$BUDGETS_PORT" --cluster "llm-ratelimit=$RATELIMIT_ADDR"
     MOCK_PID=$LAST_PID
     if ! (wait_for "mock providers" "$MOCK_PID" 120 test -f "$DEMO_DIR/ready"); then
         show_log_on_failure "$MOCK_LOG"
         exit 1
     fi
-    for f in mesh.yaml gateway.yaml; do
+    for f in mesh.yaml gateway.yaml budgets.yaml; do
         [ -f "$DEMO_DIR/$f" ] || die "mock_stack did not write $DEMO_DIR/$f"
     done
 
     declare -A ENVOY_PID=()
-    for name in mesh gateway; do
+    declare -A ENVOY_PORT=([mesh]=$MESH_PORT [gateway]=$GATEWAY_PORT [budgets]=$BUDGETS_PORT)
+    for name in mesh gateway budgets; do
         start "$name Envoy" "$DEMO_DIR/envoy-$name.log" \
             "$ENVOY" -c "$DEMO_DIR/$name.yaml" --concurrency 1 --use-dynamic-base-id
         ENVOY_PID[$name]=$LAST_PID
     done
-    for name in mesh gateway; do
-        port=$MESH_PORT
-        [ "$name" = gateway ] && port=$GATEWAY_PORT
+    for name in mesh gateway budgets; do
+        port=${ENVOY_PORT[$name]}
         pid=${ENVOY_PID[$name]}
         if ! (wait_for "$name Envoy" "$pid" 60 curl -fsS "http://127.0.0.1:$((port + 1000))/ready"); then
             show_log_on_failure "$DEMO_DIR/envoy-$name.log"
@@ -336,6 +356,45 @@ header "result"
 for needle in qwen-turbo moonshot-v1-8k 'RBAC: access denied'; do
     check "the answers contain '$needle'" grep -qF "$needle" "$ANSWERS"
 done
+# Budgets need Envoy's rate limit service, which the local mesh does not run.
+if [ "$ISTIO" = 0 ]; then
+    header "(g) budgets: demo-user spends 200 tokens an hour on test.com, then the gateway refuses"
+    BUDGETS="http://127.0.0.1:$BUDGETS_PORT"
+    TOKEN="$(cat tests/data/jwt/demo.jwt)"
+    AUTH=(-H "authorization: Bearer $TOKEN")
+    printf 'envoy/budgets.yaml: jwt_authn sets x-user-id from the token'"'"'s subject (demo-user), the\n'
+    printf 'llm-filter puts the request into that user'"'"'s budget, Envoy'"'"'s rate limit filter asks the\n'
+    printf 'service on Redis (%s); each answer'"'"'s total_tokens is debited when it is done.\n' "$RATELIMIT_ADDR"
+    show_command "$BUDGETS" -H 'host: test.com' -H 'authorization: Bearer <tests/data/jwt/demo.jwt>' "${JSON[@]}" --data "$ASK_ZH"
+    SERVED=0
+    STATUS=000
+    for i in $(seq 30); do
+        STATUS=$(curl -sS -D "$DEMO_DIR/headers" -o "$BODY" -w '%{http_code}' "$BUDGETS" -H 'host: test.com' \
+            "${AUTH[@]}" "${JSON[@]}" --data "$ASK_ZH") || STATUS=000
+        remaining=$(sed -n 's/^x-ratelimit-remaining: *\([0-9]*\).*/\1/Ip' "$DEMO_DIR/headers")
+        tokens=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("usage", {}).get("total_tokens", "-"))' "$BODY" 2>/dev/null || echo -)
+        printf '  request %2d -> HTTP %s  total_tokens=%s  x-ratelimit-remaining (before it)=%s\n' "$i" "$STATUS" "$tokens" "${remaining:--}"
+        [ "$STATUS" = 200 ] || break
+        SERVED=$((SERVED + 1))
+        sleep 0.2 # the debit reaches the service when the answer is done
+    done
+    printf 'the refusal:\n'
+    grep -i -E '^(retry-after|x-ratelimit-)' "$DEMO_DIR/headers" | sed 's/^/  /'
+    pretty "$BODY"
+    printf '\n'
+    check "(g) demo-user was served ($SERVED answers), then refused with 429 rate_limit_exceeded" \
+        test "$SERVED" -ge 2 -a "$STATUS" = 429 -a "$(grep -c rate_limit_exceeded "$BODY")" = 1
+    show_provider_side
+    show_command "$BUDGETS" -H 'host: test.com' -H 'authorization: Bearer <tests/data/jwt/demo.jwt>' -H 'x-user-id: someone-else' "${JSON[@]}" --data "$ASK_ZH"
+    STATUS=$(curl -sS -o "$BODY" -w '%{http_code}' "$BUDGETS" -H 'host: test.com' "${AUTH[@]}" \
+        -H 'x-user-id: someone-else' "${JSON[@]}" --data "$ASK_ZH") || STATUS=000
+    printf -- '-> HTTP %s\n' "$STATUS"
+    pretty "$BODY"
+    printf '\n'
+    show_provider_side
+    check "(g) claiming to be someone else (x-user-id) does not help: 429" test "$STATUS" = 429
+fi
+
 printf 'logs:\n'
 if [ "$ISTIO" = 1 ]; then
     printf '  %s\n' "${MESH_WORK#"$REPO_ROOT"/}"/*.log "${MOCK_LOG#"$REPO_ROOT"/}"
@@ -349,7 +408,9 @@ if [ "$KEEP_RUNNING" = 1 ]; then
 The stack is still running (pids in ${PIDS_FILE#"$REPO_ROOT"/}):
   mesh Envoy     $MESH    admin $MESH_ADMIN
   gateway Envoy  $GATEWAY    admin $GATEWAY_ADMIN
-Try:
+${RATELIMIT_ADDR:+  budgets Envoy  http://127.0.0.1:$BUDGETS_PORT    admin http://127.0.0.1:$((BUDGETS_PORT + 1000))
+  rate limit service $RATELIMIT_ADDR (scripts/ratelimit.sh, work dir ${RATELIMIT_WORK#"$REPO_ROOT"/})
+}Try:
   curl -s $MESH -H 'host: demo-llm-server' -H 'content-type: application/json' --data '$ASK_EN'
   curl -s $MESH -H 'host: dashscope.aliyuncs.com' -H 'user-type: subscriber' --data '$ASK_EN'
   curl -s $GATEWAY -H 'host: test.com' --data '$ASK_ZH'

@@ -213,3 +213,24 @@ build_istiod() {
     (cd "$REPO_ROOT/tests/istiod" && go build -o "$ISTIOD" .) || return 1
     ok "$ISTIOD ($((SECONDS - t)) s)"
 }
+
+# The reference rate limit service, github.com/envoyproxy/ratelimit, pinned to one commit (the
+# project tags no releases; this pseudo-version is commit 3fb702589d36 of 2026-01-22).
+RATELIMIT_MODULE=github.com/envoyproxy/ratelimit
+RATELIMIT_VERSION=v1.4.1-0.20260122083618-3fb702589d36
+RATELIMIT_BIN="$TOOLS_DIR/ratelimit/$RATELIMIT_VERSION/service_cmd"
+
+# ensure_ratelimit: Redis from Debian (redis-server, redis-cli) and the rate limit service built
+# with `go install` into .work/tools (once; the Go module and build caches keep the rest).
+ensure_ratelimit() {
+    ensure_cmd redis-server redis-server || return 1
+    ensure_cmd redis-cli redis-tools || return 1
+    ensure_cmd curl curl || return 1
+    if [ ! -x "$RATELIMIT_BIN" ]; then
+        ensure_go || return 1
+        log "go install $RATELIMIT_MODULE/src/service_cmd@$RATELIMIT_VERSION into ${RATELIMIT_BIN%/*} (a few minutes)"
+        GOBIN="$(dirname "$RATELIMIT_BIN")" GOFLAGS=-buildvcs=false \
+            go install "$RATELIMIT_MODULE/src/service_cmd@$RATELIMIT_VERSION" || return 1
+    fi
+    ok "rate limit service $RATELIMIT_VERSION, redis $(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')"
+}

@@ -6,7 +6,11 @@
 #                                                         security step) + local-service
 #   envoy/jwt.yaml        envoy/manifests/gateway.yaml  + extend/jwt.yaml + local-service
 #   envoy/ext-authz.yaml  envoy/manifests/gateway.yaml  + extend/ext-authz.yaml + local-service
+#   envoy/budgets.yaml    envoy/manifests/budgets.yaml  + extend/jwt-user-id.yaml + local-service,
+#                                                         --ratelimit 127.0.0.1:8081
+#   envoy/ratelimit/budgets.yaml          `llm-filter render ratelimit` of the budgets
 #   istio/mesh.yaml, istio/gateway.yaml   `llm-filter render istio` of the same manifests
+#   istio/budgets.yaml                    `render istio --ratelimit` of the budgets
 #   istio/crds.yaml                       `llm-filter crds`
 # The manifests' ${NAME} apiKeys are expanded from the demo keys below (distinct, so tests can
 # tell which key reached the provider).
@@ -79,8 +83,13 @@ render envoy/jwt.yaml render envoy envoy/manifests/gateway.yaml \
     --extend envoy/extend/jwt.yaml --extend "$LOCAL"
 render envoy/ext-authz.yaml render envoy envoy/manifests/gateway.yaml \
     --extend envoy/extend/ext-authz.yaml --extend "$LOCAL"
+render envoy/budgets.yaml render envoy envoy/manifests/budgets.yaml \
+    --extend envoy/extend/jwt-user-id.yaml --extend "$LOCAL" --ratelimit 127.0.0.1:8081
+render envoy/ratelimit/budgets.yaml render ratelimit envoy/manifests/budgets.yaml
 render_optional istio/mesh.yaml render istio envoy/manifests/mesh.yaml
 render_optional istio/gateway.yaml render istio envoy/manifests/gateway.yaml
+render istio/budgets.yaml render istio envoy/manifests/budgets.yaml \
+    --ratelimit ratelimit.istio-system.svc.cluster.local:8081
 render_optional istio/crds.yaml crds
 
 if [ "$CHECK" = 0 ]; then

@@ -5,8 +5,9 @@
 #   generated configs being current (render-configs.sh --check), `envoy --mode validate` on
 #   every envoy/*.yaml, and the end-to-end suite (tests/*.rs) against real Envoy.
 # Installs what is missing first (toolchain targets, Envoy, wasm-bindgen-cli, skopeo and umoci
-# for tests/oci.rs, prometheus for tests/e2e_prometheus.rs, Go for tests/istiod, the discovery
-# server tests/e2e_istio.rs runs through scripts/mesh.sh): see lib.sh.
+# for tests/oci.rs, prometheus for tests/e2e_prometheus.rs, Go for tests/istiod (the discovery
+# server tests/e2e_istio.rs runs through scripts/mesh.sh), Redis and the rate limit service for
+# tests/e2e_budgets.rs): see lib.sh.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -90,6 +91,7 @@ ensure_cmd node nodejs
 ensure_oci_tools
 ensure_prometheus
 ensure_go
+ensure_ratelimit
 
 step "cargo fmt --check" cargo fmt --all --check
 step "clippy (host, all targets)" cargo clippy --all-targets -- -D warnings

@@ -164,6 +164,66 @@ pub struct RuleConfig {
     /// rewrites each attempt for its provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<FallbackConfig>,
+    /// Budgets of tokens or requests (an addition to ASM's resource), counted by Envoy's rate
+    /// limit service on Redis and so shared by every proxy: see `crate::limits`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<LimitConfig>,
+}
+
+/// `rules[].limits[]`: at most `tokens` (or `requests`) per window, for each distinct value of
+/// the `key` header (without a key: one budget for the rule).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitConfig {
+    /// Unique within the rule; part of the budget's identity in the rate limit service.
+    pub name: String,
+    /// Tokens the providers reported (`usage.total_tokens`), counted after each answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<i64>,
+    /// Requests, counted when each is let through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<i64>,
+    /// The window: the count starts again when it ends.
+    pub per: LimitWindow,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<LimitKeyConfig>,
+}
+
+/// `rules[].limits[].key`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitKeyConfig {
+    /// One budget per distinct value of this request header.
+    pub header: String,
+}
+
+/// The windows Envoy's rate limit service counts in: fixed windows aligned on the Unix epoch
+/// (a `month` is 30 days, a `year` 365 days).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitWindow {
+    Second,
+    Minute,
+    Hour,
+    Day,
+    Week,
+    Month,
+    Year,
+}
+
+impl LimitWindow {
+    /// The unit as the rate limit service's configuration writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitWindow::Second => "second",
+            LimitWindow::Minute => "minute",
+            LimitWindow::Hour => "hour",
+            LimitWindow::Day => "day",
+            LimitWindow::Week => "week",
+            LimitWindow::Month => "month",
+            LimitWindow::Year => "year",
+        }
+    }
 }
 
 /// `rules[].fallback`.

@@ -23,6 +23,7 @@ use crate::balancer::SplitMix64;
 use crate::config::{FALLBACK_HEADER, PROVIDER_STATE};
 use crate::error::RequestError;
 use crate::hold::{header_bytes, held_verdict, hold_timer, ticks_per_minute, Held, HeldVerdict};
+use crate::limits;
 use crate::metadata;
 use crate::metrics::{series, status_class, Metric};
 use crate::policy::{self, Decision, Policy, ProviderCall};
@@ -274,6 +275,7 @@ impl RootContext for LlmRoot {
             metrics: Rc::clone(&self.metrics),
             waiting: Rc::clone(&self.waiting),
             state: State::PassThrough,
+            budget: None,
         }))
     }
 
@@ -751,8 +753,9 @@ impl Upstream {
         )
     }
 
-    /// The answer is over (or the stream was cut): record what it reported.
-    fn complete(&mut self, metrics: &Metrics) {
+    /// The answer is over (or the stream was cut): record what it reported. Returns the tokens
+    /// it debits from token budgets.
+    fn complete(&mut self, metrics: &Metrics) -> u64 {
         let series = self.series(metrics);
         series.add(Metric::Requests, Some(self.class), 1);
         if let Some(ms) = millis_since(self.sent_at) {
@@ -762,6 +765,9 @@ impl Upstream {
         if let Some(report) = &report {
             record_report(report);
         }
+        let debit = report.as_ref().map_or(0, |r| {
+            limits::debit(r.total_tokens, r.prompt_tokens, r.completion_tokens)
+        });
         match report {
             Some(report) if report.has_usage() => {
                 for (metric, value) in [
@@ -775,6 +781,7 @@ impl Upstream {
             }
             _ => series.add(Metric::UsageUnknown, None, 1),
         }
+        debit
     }
 
     /// Streams: the first event is the first token.
@@ -796,7 +803,36 @@ struct LlmHttp {
     metrics: Rc<Metrics>,
     waiting: Rc<Waiting>,
     state: State,
+    /// The request was put into its rule's budgets (`limits`): see `Budget`.
+    budget: Option<Budget>,
 }
+
+/// A request counted by Envoy's rate limit filter: the call whose rule's limits it spends
+/// from, and whether the tokens to debit (filter state `llm.debit`, which the rate limit
+/// filter reads when the stream is done) still have to be written. Written exactly once per
+/// request, 0 when the answer reported no usage or never came.
+struct Budget {
+    call: Rc<ProviderCall>,
+    debit_pending: bool,
+}
+
+/// Puts the request into the budgets of `call`'s rule: one filter state value per limit, the
+/// key header's value (see `crate::limits`). `None` when the rule has no limits.
+fn mark_budget(call: &Rc<ProviderCall>, headers: &Headers) -> Option<Budget> {
+    let limits = call.limits.as_ref()?;
+    for (key, value) in limits.marks(headers) {
+        set_filter_state(key, &value);
+    }
+    Some(Budget {
+        call: Rc::clone(call),
+        debit_pending: limits.counts_tokens,
+    })
+}
+
+/// Response code details of the local replies of Envoy's rate limit filter: over a limit, and
+/// the service unreachable with `failure_mode_deny`.
+const RATE_LIMITED: &[u8] = b"request_rate_limited";
+const RATE_LIMITER_ERROR: &[u8] = b"rate_limiter_error";
 
 /// Stores one value as Envoy filter state `wasm.llm.<key>`, readable in access logs as
 /// `%FILTER_STATE(wasm.llm.<key>:PLAIN)%`.
@@ -902,6 +938,9 @@ impl LlmHttp {
             }
         }
         let routed_at_header_time = held.is_none();
+        if let Some(held) = &held {
+            self.budget = mark_budget(&call, &held.before);
+        }
         if let Some(HeldHeaders { before, mut after }) = held {
             // The whole body is known: send its exact length, never a chunked framing.
             let length = new_body.map_or(body.len(), Vec::len);
@@ -945,6 +984,52 @@ impl LlmHttp {
 }
 
 impl LlmHttp {
+    /// Writes the tokens to debit, once.
+    fn settle_debit(&mut self, tokens: u64) {
+        if let Some(budget) = self.budget.as_mut().filter(|b| b.debit_pending) {
+            budget.debit_pending = false;
+            set_filter_state(limits::DEBIT_STATE, tokens.to_string().as_bytes());
+        }
+    }
+
+    /// A 429 or 503 for a request with a budget may be Envoy's rate limit filter answering
+    /// instead of the provider (one property read, on those statuses only). Then nothing was
+    /// sent upstream: a refusal is counted by rule, nothing is debited, and the answer is not
+    /// the provider's.
+    fn rate_limit_reply(&mut self, status: &[u8]) -> bool {
+        if self.budget.is_none() || !matches!(status, b"429" | b"503") {
+            return false;
+        }
+        let details = hostcalls::get_property(vec!["response", "code_details"])
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let refused = details == RATE_LIMITED;
+        if !refused && details != RATE_LIMITER_ERROR {
+            return false;
+        }
+        let state = std::mem::replace(&mut self.state, State::PassThrough);
+        if let Some(budget) = &self.budget {
+            if refused {
+                let model = match &state {
+                    State::Forwarded(upstream) => upstream.model.clone(),
+                    _ => budget.call.model().unwrap_or_else(|| "unknown".to_string()),
+                };
+                self.metrics
+                    .set_for(&budget.call, &model)
+                    .add(Metric::RateLimited, None, 1);
+            }
+            debug!(
+                "#{} llm-filter: {} by the rate limit filter (rule {:?})",
+                self.context_id,
+                if refused { "refused" } else { "failed closed" },
+                budget.call.rule
+            );
+        }
+        self.settle_debit(0);
+        true
+    }
+
     /// The headers wait for the body: watched by the root's timer until a body arrives.
     fn hold(&self, headers: &Headers) {
         let held = Held {
@@ -1021,8 +1106,9 @@ impl HttpContext for LlmHttp {
                 write_request_headers(self.context_id, &headers, &after);
                 // Envoy picks the route as soon as the headers go on, and a provider's route
                 // requires this mark (see `mark_routed`); the first attempt may start before the
-                // body is read.
+                // body is read. Envoy's rate limit filter runs next, before the body is read.
                 mark_routed(&call);
+                self.budget = mark_budget(&call, &headers);
                 mark_fallback(&call, None);
                 self.state = State::Buffering(Pending::Routed { call, held: None });
                 Action::Continue
@@ -1069,10 +1155,29 @@ impl HttpContext for LlmHttp {
     }
 
     fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        if !matches!(self.state, State::Forwarded(_)) {
+            // Envoy's rate limit filter may refuse a request whose headers went on at header
+            // time, before the body was read.
+            if self.budget.is_some() {
+                if let Ok(Some(status)) =
+                    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
+                {
+                    self.rate_limit_reply(&status);
+                }
+            }
+            return Action::Continue;
+        }
+        let headers = hostcalls::get_map_bytes(MapType::HttpResponseHeaders);
+        if let Ok(headers) = &headers {
+            let status = policy::header(headers, ":status").unwrap_or_default();
+            if self.rate_limit_reply(status) {
+                return Action::Continue;
+            }
+        }
         let State::Forwarded(upstream) = &mut self.state else {
             return Action::Continue;
         };
-        match hostcalls::get_map_bytes(MapType::HttpResponseHeaders) {
+        match headers {
             Ok(headers) => {
                 if let Some((key, _)) = upstream.call.fallback_parts() {
                     let key = key.to_string();
@@ -1088,8 +1193,9 @@ impl HttpContext for LlmHttp {
             ),
         }
         if end_of_stream {
-            upstream.complete(&self.metrics);
+            let debit = upstream.complete(&self.metrics);
             self.state = State::PassThrough;
+            self.settle_debit(debit);
         }
         Action::Continue
     }
@@ -1110,19 +1216,23 @@ impl HttpContext for LlmHttp {
             upstream.watch_first_event(&self.metrics);
         }
         if end_of_stream {
-            upstream.complete(&self.metrics);
+            let debit = upstream.complete(&self.metrics);
             self.state = State::PassThrough;
+            self.settle_debit(debit);
         }
         Action::Continue
     }
 
     fn on_log(&mut self) {
         self.release();
-        // The answer was cut short (reset, timeout): count it with what was seen.
+        // The answer was cut short (reset, timeout): count it with what was seen. Envoy's rate
+        // limit filter reads the debit after this, when the stream is destroyed.
+        let mut debit = 0;
         if let State::Forwarded(upstream) = &mut self.state {
-            upstream.complete(&self.metrics);
+            debit = upstream.complete(&self.metrics);
             self.state = State::PassThrough;
         }
+        self.settle_debit(debit);
     }
 
     fn on_http_request_trailers(&mut self, _: usize) -> Action {

@@ -17,6 +17,8 @@ pub enum Metric {
     UpstreamLatency,
     /// Streams only: milliseconds from the request to the first event.
     TimeToFirstToken,
+    /// Requests Envoy's rate limit filter refused (429) because a budget of the rule was spent.
+    RateLimited,
 }
 
 impl Metric {
@@ -28,6 +30,7 @@ impl Metric {
             Metric::UsageUnknown => "llm.usage_unknown_total",
             Metric::UpstreamLatency => "llm.upstream_latency_ms",
             Metric::TimeToFirstToken => "llm.time_to_first_token_ms",
+            Metric::RateLimited => "llm.rate_limited_total",
         }
     }
 

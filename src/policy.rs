@@ -12,6 +12,7 @@ use crate::config::{
     ProviderManifest, RouteManifest, RuleConfig,
 };
 use crate::error::{ConfigError, ConfigErrors, RequestError};
+use crate::limits::{self, RuleLimits};
 use crate::matcher::{HeaderConditions, StringMatch};
 use crate::models::{model_list_json, ModelMapping};
 
@@ -39,6 +40,8 @@ pub struct ProviderCall {
     /// so Envoy sends it to the rule's aggregate cluster; the upstream filter finds the rule's
     /// calls by it and knows, by the host, which attempt needs no rewrite (the first).
     pub fallback: Option<String>,
+    /// The rule's `limits`: the filter state that puts each request into its budgets.
+    pub limits: Option<Rc<RuleLimits>>,
 }
 
 impl ProviderCall {
@@ -75,6 +78,7 @@ impl fmt::Debug for ProviderCall {
             )
             .field("model_mapping", &self.model_mapping)
             .field("fallback", &self.fallback)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -286,7 +290,7 @@ impl Policy {
                 errors.push(e);
             }
             if !hosts.contains_key(host) {
-                let call = provider_call(provider, "", host, None);
+                let call = provider_call(provider, "", host, None, None);
                 hosts.insert(host.clone(), Rc::new(HostTarget::Provider(call)));
             }
         }
@@ -730,7 +734,7 @@ fn compile_rules(
                 }
             }
             let key = fallback_key(route.metadata.namespace(), &route.metadata.name, i);
-            compile_rule(rule, i, resource, providers, &key, fallbacks)
+            compile_rule(rule, i, route, resource, providers, &key, fallbacks)
         })
         .collect()
 }
@@ -738,6 +742,7 @@ fn compile_rules(
 fn compile_rule(
     rule: &RuleConfig,
     index: usize,
+    route: &RouteManifest,
     resource: &str,
     providers: &Providers<'_>,
     key: &str,
@@ -796,6 +801,14 @@ fn compile_rule(
         ));
     }
     let rule_name = rule.name.as_deref().unwrap_or("");
+    let limits = limits::compile(
+        rule,
+        route.metadata.namespace(),
+        &route.metadata.name,
+        resource,
+        &field,
+    )?;
+    let limits = limits::rule_limits(&limits).map(Rc::new);
     let fallback_key = rule.fallback.as_ref().map(|_| key);
     let mut backends = Vec::with_capacity(rule.backend_refs.len());
     let mut backend_hosts = Vec::with_capacity(rule.backend_refs.len());
@@ -828,6 +841,7 @@ fn compile_rule(
             rule_name,
             &authority,
             marker.as_deref(),
+            limits.as_ref(),
         ));
         weights.push(weight);
         backend_hosts.push(host);
@@ -838,9 +852,17 @@ fn compile_rule(
             .cloned()
             .zip(backends.iter().cloned())
             .collect();
-        compile_fallback(fallback, &field, resource, providers, rule_name, key)?
-            .into_iter()
-            .for_each(|attempt| attempts.push(attempt));
+        compile_fallback(
+            fallback,
+            &field,
+            resource,
+            providers,
+            rule_name,
+            key,
+            limits.as_ref(),
+        )?
+        .into_iter()
+        .for_each(|attempt| attempts.push(attempt));
         for (b, host) in backend_hosts.iter().enumerate() {
             if backend_hosts[..b].contains(host) {
                 return Err(ConfigError::new(
@@ -902,6 +924,7 @@ fn compile_fallback(
     providers: &Providers<'_>,
     rule_name: &str,
     key: &str,
+    limits: Option<&Rc<RuleLimits>>,
 ) -> Result<Vec<(String, Rc<ProviderCall>)>, ConfigError> {
     if fallback.providers.is_empty() {
         return Err(ConfigError::new(
@@ -932,7 +955,7 @@ fn compile_fallback(
             ));
         }
         let marker = format!("{key} {host}");
-        let call = provider_call(provider, rule_name, &host, Some(&marker));
+        let call = provider_call(provider, rule_name, &host, Some(&marker), limits);
         out.push((host, call));
     }
     Ok(out)
@@ -943,6 +966,7 @@ fn provider_call(
     rule_name: &str,
     authority: &str,
     fallback: Option<&str>,
+    limits: Option<&Rc<RuleLimits>>,
 ) -> Rc<ProviderCall> {
     let configs = &provider.spec.configs;
     let config = (!rule_name.is_empty())
@@ -968,6 +992,7 @@ fn provider_call(
         authorization: api_key.map(|k| format!("Bearer {k}")),
         model_mapping,
         fallback: fallback.map(str::to_string),
+        limits: limits.cloned(),
     })
 }
 
@@ -2048,5 +2073,66 @@ spec:
             error.contains("rules[0].backendRefs[1].providerHost: \"p.example\" is already"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn limits_go_with_every_call_of_their_rule() {
+        let text = fallback_route(
+            "  - name: ha
+    matches: [{headers: {x-plan: {exact: free}}}]
+    limits: [{name: per-user, tokens: 50, per: minute, key: {header: x-user-id}}]
+    backendRefs: [{providerHost: p.example}]
+    fallback: {providers: [q.example]}
+  - backendRefs: [{providerHost: q.example}]
+",
+        );
+        let policy = Policy::from_text(&text).unwrap();
+        let limited = forward(
+            &policy,
+            &request("llm.example", &[("x-plan", "free"), ("x-user-id", "alice")]),
+        );
+        let limits = limited.limits.as_ref().unwrap();
+        assert!(limits.counts_tokens);
+        assert_eq!(
+            limits.marks,
+            [(
+                "llm.limit.team/r/ha/per-user".to_string(),
+                Some("x-user-id".to_string())
+            )]
+        );
+        let attempt = policy.attempt_call(b"team/r/0", b"q.example").unwrap();
+        assert!(Rc::ptr_eq(attempt.limits.as_ref().unwrap(), limits));
+        let other = forward(&policy, &request("llm.example", &[]));
+        assert!(other.limits.is_none());
+        let direct = forward(&policy, &request("p.example", &[]));
+        assert!(direct.limits.is_none());
+    }
+
+    #[test]
+    fn bad_limits_name_their_field() {
+        for (limits, wanted) in [
+            (
+                "[{name: a, tokens: 10, per: fortnight}]",
+                "LLMRoute team/r: rules[0].limits[0].per: unknown variant `fortnight`",
+            ),
+            (
+                "[{tokens: 10, per: day}]",
+                "rules[0].limits[0]: missing field `name`",
+            ),
+            (
+                "[{name: a, tokens: 10, per: day, key: {cookie: x}}]",
+                "rules[0].limits[0].key: unknown field `cookie`",
+            ),
+            (
+                "[{name: a, tokens: -1, per: day}]",
+                "rules[0].limits[0].tokens: -1 is not between 1 and 4294967295",
+            ),
+        ] {
+            let text = fallback_route(&format!(
+                "  - name: ha\n    backendRefs: [{{providerHost: p.example}}]\n    limits: {limits}\n"
+            ));
+            let error = Policy::from_text(&text).unwrap_err().to_string();
+            assert!(error.contains(wanted), "{limits}: {error}");
+        }
     }
 }

@@ -369,6 +369,7 @@ mod tests {
             authorization: key.map(|k| format!("Bearer {k}")),
             model_mapping: Default::default(),
             fallback: None,
+            limits: None,
         }
     }
 

@@ -62,6 +62,11 @@ const RUN_ELSEWHERE: &[(&str, &str, &[&str])] = &[
         "tests/support/mesh.rs",
         &["mesh_sh(&[\"down\""],
     ),
+    (
+        "scripts/ratelimit.sh",
+        "tests/support/ratelimit.rs",
+        &["scripts/ratelimit.sh", "\"up\"", "[\"down\"]"],
+    ),
 ];
 
 /// Words that make a `yaml`/`json` block a manifest block.

@@ -310,21 +310,34 @@ fn envoy_filter_schema() -> jsonschema::Validator {
     jsonschema::draft4::new(&strict(spec)).expect("EnvoyFilter schema")
 }
 
+/// `namespace/name` of each resource.
+fn qualified_names(resources: &[&Value]) -> Vec<String> {
+    resources
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["metadata"]["namespace"].as_str().unwrap(),
+                r["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// What `schema` says of a resource's `spec`, one line per error.
+fn spec_errors(schema: &jsonschema::Validator, resource: &Value) -> Vec<String> {
+    schema
+        .iter_errors(&resource["spec"])
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
+}
+
 #[test]
 fn rendered_envoy_filters_pass_istios_envoy_filter_schema() {
     let schema = envoy_filter_schema();
     let docs = render_istio_text("envoy-filters", ENVOY_FILTER_MANIFESTS);
     let filters = of_kind(&docs, "EnvoyFilter");
-    let names: Vec<String> = filters
-        .iter()
-        .map(|f| {
-            format!(
-                "{}/{}",
-                f["metadata"]["namespace"].as_str().unwrap(),
-                f["metadata"]["name"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let names = qualified_names(&filters);
     assert_eq!(
         names,
         [
@@ -336,12 +349,8 @@ fn rendered_envoy_filters_pass_istios_envoy_filter_schema() {
     );
     for filter in &filters {
         assert_eq!(filter["apiVersion"], "networking.istio.io/v1alpha3");
-        let errors: Vec<String> = schema
-            .iter_errors(&filter["spec"])
-            .map(|e| format!("{}: {e}", e.instance_path()))
-            .collect();
         assert_eq!(
-            errors,
+            spec_errors(&schema, filter),
             Vec::<String>::new(),
             "{}",
             filter["metadata"]["name"]
@@ -381,6 +390,97 @@ fn rendered_envoy_filters_pass_istios_envoy_filter_schema() {
         ),
     ] {
         let mut broken = fallback.clone();
+        edit(&mut broken, pointer, Some(value));
+        assert!(
+            schema.iter_errors(&broken["spec"]).next().is_some(),
+            "the schema accepts: {what}"
+        );
+    }
+}
+
+/// A route with a budget, on a gateway and in the mesh.
+const BUDGET_MANIFESTS: &str = "apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {name: dashscope-qwen}
+spec:
+  host: dashscope.aliyuncs.com
+  path: /compatible-mode/v1/chat/completions
+  configs: {defaultConfig: {openAIConfig: {model: qwen-turbo, apiKeyFromEnv: DASHSCOPE_API_KEY}}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {name: chat}
+spec:
+  host: test.com
+  gateways: [istio-system/ingress-gw]
+  rules:
+  - name: migrate-rule
+    limits:
+    - {name: per-user, tokens: 1000, per: minute, key: {header: x-user-id}}
+    - {name: all, requests: 600, per: hour}
+    backendRefs: [{providerHost: dashscope.aliyuncs.com}]
+";
+
+#[test]
+fn the_budgets_envoy_filter_passes_istios_envoy_filter_schema() {
+    let schema = envoy_filter_schema();
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("istio-budgets-{}.yaml", std::process::id()));
+    std::fs::write(&path, BUDGET_MANIFESTS).unwrap();
+    let out = llm_filter(&[
+        "render",
+        "istio",
+        path.to_str().unwrap(),
+        "--ratelimit",
+        "ratelimit.infra.svc.cluster.local:8081",
+    ]);
+    let _ = std::fs::remove_file(&path);
+    let docs = documents(&out);
+    // The mesh's selection and the gateway's (no LLMProvider in istio-system): one each.
+    let filters = of_kind(&docs, "EnvoyFilter");
+    let names = qualified_names(&filters);
+    assert_eq!(
+        names,
+        [
+            "default/llm-filter-ratelimit",
+            "istio-system/llm-filter-ingressgateway-ratelimit"
+        ]
+    );
+    for filter in &filters {
+        assert_eq!(
+            spec_errors(&schema, filter),
+            Vec::<String>::new(),
+            "{}",
+            filter["metadata"]["name"]
+        );
+    }
+    let filter = filters[0];
+    let kinds: Vec<&str> = filter["spec"]["configPatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["applyTo"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "HTTP_FILTER",
+            "NETWORK_FILTER",
+            "VIRTUAL_HOST",
+            "HTTP_FILTER",
+            "NETWORK_FILTER",
+            "VIRTUAL_HOST"
+        ]
+    );
+    for (what, pointer, value) in [
+        ("priority as a string", "/spec/priority", json!("10")),
+        (
+            "unknown operation",
+            "/spec/configPatches/2/patch/operation",
+            json!("UPSERT"),
+        ),
+    ] {
+        let mut broken = filter.clone();
         edit(&mut broken, pointer, Some(value));
         assert!(
             schema.iter_errors(&broken["spec"]).next().is_some(),
@@ -683,6 +783,66 @@ fn crd_schemas_refuse_what_the_filter_refuses() {
             "/spec/rules/0/name",
             Some(json!(["migrate-rule"])),
         ),
+        case(
+            "a limit of tokens and requests",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!([{"name": "a", "tokens": 10, "requests": 1, "per": "minute"}])),
+        ),
+        case(
+            "a limit of nothing",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!([{"name": "a", "per": "minute"}])),
+        ),
+        case(
+            "a limit of zero tokens",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!([{"name": "a", "tokens": 0, "per": "minute"}])),
+        ),
+        case(
+            "a limit of more requests than the service counts",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!([{"name": "a", "requests": 4294967296u64, "per": "minute"}])),
+        ),
+        case(
+            "an unknown window",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!([{"name": "a", "tokens": 10, "per": "fortnight"}])),
+        ),
+        case(
+            "a limit without a window",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!([{"name": "a", "tokens": 10}])),
+        ),
+        case(
+            "a limit name in capitals",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!([{"name": "Per-User", "tokens": 10, "per": "day"}])),
+        ),
+        case(
+            "a key header with a space",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!([{"name": "a", "tokens": 10, "per": "day", "key": {"header": "x user"}}])),
+        ),
+        case(
+            "an unknown key field",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!([{"name": "a", "tokens": 10, "per": "day", "key": {"jwtClaim": "sub"}}])),
+        ),
+        case(
+            "limits not a list",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!({"name": "a", "tokens": 10, "per": "day"})),
+        ),
     ];
     for case in &invalid {
         let docs = apply(&base, case);
@@ -766,6 +926,15 @@ fn every_manifest_the_schemas_accept_the_filter_accepts() {
             "/spec/rules/1/fallback",
             Some(json!({"providers": ["api.moonshot.cn"], "on": ["5xx", 429]})),
         ),
+        case(
+            "limits",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!([
+                {"name": "per-user", "tokens": 1000, "per": "minute", "key": {"header": "x-user-id"}},
+                {"name": "all", "requests": 100, "per": "year"},
+            ])),
+        ),
     ];
     for case in &valid {
         let docs = apply(&base, case);
@@ -821,6 +990,30 @@ fn every_manifest_the_schemas_accept_the_filter_accepts() {
             0,
             "/spec/configs/routeSpecificConfigs/gold-route",
             Some(json!({})),
+        ),
+        case(
+            "limits on a rule without a name",
+            1,
+            "/spec/rules/1/limits",
+            Some(json!([{"name": "a", "tokens": 10, "per": "day"}])),
+        ),
+        // The API server refuses it (x-kubernetes-list-type: map); JSON Schema cannot say it.
+        case(
+            "two limits of one name",
+            3,
+            "/spec/rules/0/limits",
+            Some(json!([
+                {"name": "a", "tokens": 10, "per": "day"},
+                {"name": "a", "requests": 10, "per": "day"},
+            ])),
+        ),
+        case(
+            "a budget keyed by credentials",
+            3,
+            "/spec/rules/0/limits",
+            Some(
+                json!([{"name": "a", "tokens": 10, "per": "day", "key": {"header": "Authorization"}}]),
+            ),
         ),
     ];
     for case in &beyond {

@@ -46,6 +46,7 @@ fn call(model: Option<&str>, stream: Option<bool>) -> ProviderCall {
         authorization: Some("Bearer sk-test".into()),
         model_mapping: Default::default(),
         fallback: None,
+        limits: None,
     }
 }
 

@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod mesh;
 pub mod mock;
 pub mod patch;
+pub mod ratelimit;
 pub mod raw;
 
 use client::{Req, Resp};
@@ -241,6 +242,16 @@ pub fn render_envoy(
     manifests: &str,
     endpoints: &[(&str, std::net::SocketAddr)],
 ) -> String {
+    render_envoy_with(label, manifests, endpoints, &[])
+}
+
+/// [`render_envoy`] with more arguments (`--extend FILE`, `--ratelimit ADDR:PORT`, ...).
+pub fn render_envoy_with(
+    label: &str,
+    manifests: &str,
+    endpoints: &[(&str, std::net::SocketAddr)],
+    extra: &[&str],
+) -> String {
     let dir = envoy::temp_dir(label);
     let file = dir.join("llm.yaml");
     std::fs::write(&file, manifests).expect("write the manifests");
@@ -259,6 +270,7 @@ pub fn render_envoy(
                 .iter()
                 .flat_map(|(host, addr)| ["--endpoint".to_string(), format!("{host}={addr}")]),
         )
+        .args(extra)
         .output()
         .expect("run llm-filter");
     assert!(

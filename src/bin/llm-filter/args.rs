@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::ratelimit::Failure;
+
 /// Where `render envoy` points Envoy at the filter unless `--wasm` says otherwise.
 pub const DEFAULT_WASM: &str = "target/wasm32-wasip1/release/llm_filter.wasm";
 /// Where `render istio` tells Istio to pull the filter from unless `--wasm-url` says otherwise.
@@ -25,6 +27,7 @@ as FILE: Kind namespace/name: field: message. Exit status: 0 success, 1 invalid 
 Examples:
   llm-filter check envoy/manifests/mesh.yaml
   llm-filter render envoy envoy/manifests/mesh.yaml > envoy.yaml
+  llm-filter render ratelimit envoy/manifests/budgets.yaml > ratelimit.yaml
   llm-filter render istio envoy/manifests/mesh.yaml | kubectl apply -f -
   llm-filter completions bash > /etc/bash_completion.d/llm-filter";
 
@@ -99,6 +102,50 @@ Example:
   llm-filter render istio envoy/manifests/mesh.yaml --wasm-url oci://registry.example/llm-filter:0.1.0 \\
     | kubectl apply -f -")]
     Istio(IstioArgs),
+    /// The rate limit service's configuration for the budgets (limits) of the LLMRoute rules
+    #[command(after_help = "\
+For github.com/envoyproxy/ratelimit (scripts/ratelimit.sh up --config FILE runs it locally).
+No API key is in it, so \"${NAME}\" need not be set.
+
+Example:
+  llm-filter render ratelimit envoy/manifests/budgets.yaml > ratelimit.yaml")]
+    Ratelimit(RateLimitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RateLimitArgs {
+    /// Manifest files, merged into one configuration
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+/// `--ratelimit` and `--ratelimit-failure`, for `render envoy` and `render istio`.
+#[derive(Debug, Args)]
+pub struct RateLimitFlags {
+    /// Envoy's rate limit service, which counts the rules' budgets (limits); needed when a rule
+    /// has limits (render istio: a service of the mesh, HOST:PORT)
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket)]
+    pub ratelimit: Option<SocketAddr>,
+    /// What Envoy does when the service cannot answer: let requests through uncounted, or refuse
+    /// them (503)
+    #[arg(long, value_enum, requires = "ratelimit", default_value_t = Failure::Open)]
+    pub ratelimit_failure: Failure,
+}
+
+impl RateLimitFlags {
+    pub fn service(self) -> Option<RateLimitService> {
+        Some(RateLimitService {
+            address: self.ratelimit?,
+            failure: self.ratelimit_failure,
+        })
+    }
+}
+
+/// `--ratelimit ADDR:PORT` and `--ratelimit-failure`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitService {
+    pub address: SocketAddr,
+    pub failure: Failure,
 }
 
 #[derive(Debug, Args)]
@@ -131,6 +178,8 @@ pub struct EnvoyFlags {
     /// YAML of http_filters (before the filter), clusters, virtual_hosts to add; repeatable
     #[arg(long = "extend", value_name = "FILE")]
     pub extends: Vec<PathBuf>,
+    #[command(flatten)]
+    pub ratelimit: RateLimitFlags,
 }
 
 impl EnvoyFlags {
@@ -146,6 +195,7 @@ impl EnvoyFlags {
                 .collect(),
             ca: self.ca,
             extends: self.extends,
+            ratelimit: self.ratelimit.service(),
         }
     }
 }
@@ -158,6 +208,8 @@ pub struct IstioArgs {
     /// Where Istio pulls the filter from (oci://, https:// or file://)
     #[arg(long, value_name = "URL", default_value = DEFAULT_WASM_URL)]
     pub wasm_url: String,
+    #[command(flatten)]
+    pub ratelimit: RateLimitFlags,
 }
 
 /// `render envoy` options; the defaults are what the shipped `envoy/` files use.
@@ -173,6 +225,8 @@ pub struct EnvoyOptions {
     pub ca: Option<String>,
     /// YAML files whose `http_filters` go before the llm-filter and whose `clusters` are added.
     pub extends: Vec<PathBuf>,
+    /// `--ratelimit`: Envoy's rate limit service, which counts the budgets (`limits`).
+    pub ratelimit: Option<RateLimitService>,
 }
 
 impl Default for EnvoyOptions {
@@ -184,6 +238,7 @@ impl Default for EnvoyOptions {
             endpoints: BTreeMap::new(),
             ca: None,
             extends: Vec::new(),
+            ratelimit: None,
         }
     }
 }
@@ -192,12 +247,15 @@ impl Default for EnvoyOptions {
 pub struct IstioOptions {
     /// Where Istio pulls the module from (`oci://...`, `https://...` or `file://...`).
     pub wasm_url: String,
+    /// `--ratelimit HOST:PORT`: the rate limit service, a service of the mesh.
+    pub ratelimit: Option<RateLimitService>,
 }
 
 impl Default for IstioOptions {
     fn default() -> Self {
         IstioOptions {
             wasm_url: DEFAULT_WASM_URL.to_string(),
+            ratelimit: None,
         }
     }
 }
@@ -296,6 +354,64 @@ mod tests {
             panic!("not render istio");
         };
         assert_eq!(args.wasm_url, IstioOptions::default().wasm_url);
+    }
+
+    #[test]
+    fn rate_limit_service_options() {
+        let Command::Render(Render::Envoy(args)) =
+            parse_words("render envoy a.yaml --ratelimit 127.0.0.1:8081").unwrap()
+        else {
+            panic!("not render envoy");
+        };
+        assert_eq!(
+            args.options.options().ratelimit,
+            Some(RateLimitService {
+                address: SocketAddr::new("127.0.0.1", 8081),
+                failure: Failure::Open,
+            })
+        );
+        let Command::Render(Render::Istio(args)) = parse_words(
+            "render istio a.yaml --ratelimit-failure closed --ratelimit ratelimit.infra.svc.cluster.local:8081",
+        )
+        .unwrap() else {
+            panic!("not render istio");
+        };
+        let service = args.ratelimit.service().unwrap();
+        assert_eq!(service.address.address, "ratelimit.infra.svc.cluster.local");
+        assert_eq!(service.failure, Failure::Closed);
+        let Command::Render(Render::Ratelimit(args)) =
+            parse_words("render ratelimit a.yaml b.yaml").unwrap()
+        else {
+            panic!("not render ratelimit");
+        };
+        assert_eq!(
+            args.files,
+            vec![PathBuf::from("a.yaml"), PathBuf::from("b.yaml")]
+        );
+        for (words, message) in [
+            (
+                "render envoy a.yaml --ratelimit-failure closed",
+                "required arguments were not provided",
+            ),
+            (
+                "render envoy a.yaml --ratelimit x:1 --ratelimit-failure maybe",
+                "invalid value 'maybe'",
+            ),
+            (
+                "render istio a.yaml --ratelimit nowhere",
+                "expected ADDR:PORT, got \"nowhere\"",
+            ),
+            ("render ratelimit", "required arguments were not provided"),
+            (
+                "render ratelimit a.yaml --ratelimit x:1",
+                "unexpected argument '--ratelimit'",
+            ),
+        ] {
+            let error = parse_words(words).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{words}: {error}");
+            let text = error.render().to_string();
+            assert!(text.contains(message), "{words}: {text}");
+        }
     }
 
     #[test]

@@ -302,6 +302,66 @@ spec:
                             - 5xx
                             - 429
                             - "429"
+                    limits:
+                      description: Budgets counted by Envoy's rate limit service (render envoy
+                        --ratelimit); the rule needs a name. A request is refused once a budget
+                        it spends from is over its limit, until the window ends.
+                      type: array
+                      x-kubernetes-list-type: map
+                      x-kubernetes-list-map-keys:
+                      - name
+                      items:
+                        type: object
+                        required:
+                        - name
+                        - per
+                        oneOf:
+                        - required:
+                          - tokens
+                        - required:
+                          - requests
+                        properties:
+                          name:
+                            description: Unique within the rule.
+                            type: string
+                            maxLength: 63
+                            pattern: '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'
+                          tokens:
+                            description: Tokens the providers report (usage.total_tokens) per
+                              window; exactly one of tokens and requests.
+                            type: integer
+                            format: int64
+                            minimum: 1
+                            maximum: 4294967295
+                          requests:
+                            description: Requests per window.
+                            type: integer
+                            format: int64
+                            minimum: 1
+                            maximum: 4294967295
+                          per:
+                            description: The window (fixed, aligned on the Unix epoch; a month
+                              is 30 days, a year 365).
+                            type: string
+                            enum:
+                            - second
+                            - minute
+                            - hour
+                            - day
+                            - week
+                            - month
+                            - year
+                          key:
+                            description: One budget per distinct value of this request header
+                              (requests without it share one); without a key, one budget for
+                              the rule.
+                            type: object
+                            required:
+                            - header
+                            properties:
+                              header:
+                                type: string
+                                pattern: "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 "#;
 
 #[cfg(test)]

@@ -10,12 +10,14 @@
 use std::path::{Path, PathBuf};
 
 use llm_filter::config::{
-    fallback_key, FallbackOn, FilterConfig, Settings, FALLBACK_HEADER, PROVIDER_STATE_IN_ENVOY,
+    fallback_key, BackendRefConfig, FallbackOn, FilterConfig, Settings, FALLBACK_HEADER,
+    PROVIDER_STATE_IN_ENVOY,
 };
 use llm_filter::metadata;
 use serde_yaml::{Mapping, Value};
 
 use crate::args::{EnvoyOptions, SocketAddr};
+use crate::ratelimit;
 
 /// The system CA bundle (Debian/Ubuntu/Alpine path) that verifies providers by default.
 const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -71,7 +73,9 @@ pub fn render(
         .map(|path| Extend::load(path))
         .collect::<Result<Vec<_>, _>>()?;
     let providers = plan_providers(config, options)?;
-    check_names(&providers, &extends)?;
+    let budgets = ratelimit::plan(config);
+    ratelimit::require_service(&budgets, options.ratelimit.is_some(), "--ratelimit")?;
+    check_names(&providers, &extends, options.ratelimit.is_some())?;
     // The bootstrap lets the filter hold headers until the body is checked, so it asks for it.
     let mut embedded = config.clone();
     embedded.settings.forward_after_body = true;
@@ -96,11 +100,17 @@ pub fn render(
             .iter()
             .map(|f| aggregate_cluster(f, &upstream_filter, buffer_limit)),
     );
+    if let Some(service) = &options.ratelimit {
+        clusters.push(ratelimit::cluster(&service.address));
+    }
     clusters.extend(extends.iter().flat_map(|e| e.clusters.iter().cloned()));
 
     let mut virtual_hosts: Vec<Value> = providers
         .iter()
-        .map(|p| provider_virtual_host(p, &fallbacks))
+        .map(|p| {
+            let limits = ratelimit::limits_for_provider(&budgets, &p.host);
+            provider_virtual_host(p, &fallbacks, ratelimit::per_filter_config(&limits))
+        })
         .collect();
     let mut catch_all = None;
     for extend in &extends {
@@ -123,6 +133,10 @@ pub fn render(
         &configuration,
         &config.api_key_env_names(),
     ));
+    // After the llm-filter, whose filter state says which budgets a request spends from.
+    if let Some(service) = &options.ratelimit {
+        http_filters.push(ratelimit::http_filter(ratelimit::CLUSTER, service.failure));
+    }
     http_filters.push(map([
         ("name", ROUTER.into()),
         (
@@ -144,6 +158,10 @@ pub fn render(
                         buffer_limit,
                         virtual_hosts,
                         http_filters,
+                        options
+                            .ratelimit
+                            .as_ref()
+                            .map(|_| ratelimit::local_reply_config()),
                     )]),
                 ),
                 ("clusters", Value::Sequence(clusters)),
@@ -210,6 +228,18 @@ impl ProviderPlan {
 /// The host as the filter compares it: trimmed, lower case, without a trailing dot.
 pub(crate) fn normalize_host(host: &str) -> String {
     host.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// `(:authority the filter sends, provider host)` of a backendRef: its `hostRewrite`, else the
+/// provider host, both normalized.
+pub(crate) fn backend_authority(backend: &BackendRefConfig) -> (String, String) {
+    let provider = normalize_host(&backend.provider_host);
+    let authority = backend
+        .host_rewrite
+        .as_deref()
+        .map(normalize_host)
+        .unwrap_or_else(|| provider.clone());
+    (authority, provider)
 }
 
 fn plan_providers(
@@ -385,8 +415,18 @@ pub(crate) fn plan_fallbacks(
 
 /// Cluster and virtual host names must be unique, and two virtual hosts may not claim one
 /// domain: Envoy would refuse the bootstrap with a less helpful message.
-fn check_names(providers: &[ProviderPlan], extends: &[Extend]) -> Result<(), String> {
+fn check_names(
+    providers: &[ProviderPlan],
+    extends: &[Extend],
+    ratelimit: bool,
+) -> Result<(), String> {
     let mut clusters: Vec<(String, String)> = Vec::new();
+    if ratelimit {
+        clusters.push((
+            ratelimit::CLUSTER.to_string(),
+            "the rate limit service (--ratelimit)".to_string(),
+        ));
+    }
     let mut virtual_hosts: Vec<(String, String)> = Vec::new();
     let mut domains: Vec<(String, String)> = Vec::new();
     for p in providers {
@@ -474,7 +514,7 @@ pub(crate) fn buffer_limit(settings: &Settings) -> u64 {
 }
 
 /// A mapping with its keys in the given order.
-fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
+pub(crate) fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
     let mut m = Mapping::new();
     for (k, v) in entries {
         m.insert(Value::String(k.to_string()), v);
@@ -483,7 +523,7 @@ fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
 }
 
 /// `typed_config` of the given proto type, with more fields.
-fn typed<const N: usize>(type_name: &str, fields: [(&str, Value); N]) -> Value {
+pub(crate) fn typed<const N: usize>(type_name: &str, fields: [(&str, Value); N]) -> Value {
     let mut m = Mapping::new();
     m.insert(
         "@type".into(),
@@ -499,7 +539,7 @@ fn strings(items: &[String]) -> Value {
     Value::Sequence(items.iter().map(|s| s.as_str().into()).collect())
 }
 
-fn socket_address(addr: &SocketAddr) -> Value {
+pub(crate) fn socket_address(addr: &SocketAddr) -> Value {
     map([(
         "socket_address",
         map([
@@ -531,6 +571,7 @@ fn listener(
     buffer_limit: u64,
     virtual_hosts: Vec<Value>,
     http_filters: Vec<Value>,
+    local_reply_config: Option<Value>,
 ) -> Value {
     let access_log = map([
         ("name", "envoy.access_loggers.stdout".into()),
@@ -548,7 +589,7 @@ fn listener(
             ),
         ),
     ]);
-    let hcm = typed(
+    let mut hcm = typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         [
             ("stat_prefix", LISTENER.into()),
@@ -563,6 +604,9 @@ fn listener(
             ("http_filters", Value::Sequence(http_filters)),
         ],
     );
+    if let (Some(replies), Value::Mapping(m)) = (local_reply_config, &mut hcm) {
+        m.insert("local_reply_config".into(), replies);
+    }
     map([
         ("name", LISTENER.into()),
         ("address", socket_address(listen)),
@@ -710,8 +754,13 @@ fn key_file_secret(p: &ProviderPlan) -> Option<Value> {
 /// virtual host any other way (an `:authority` the filter does not serve, a filter that is not
 /// there) gets a 404 and never the provider's cluster, its key injector or its TLS. A request
 /// of a rule with fallback also carries `x-llm-fallback` and goes to the rule's aggregate
-/// cluster instead.
-fn provider_virtual_host(p: &ProviderPlan, fallbacks: &[FallbackPlan]) -> Value {
+/// cluster instead. `per_filter`: the rate limit entries of the budgets whose requests come
+/// here, on every route to the provider.
+fn provider_virtual_host(
+    p: &ProviderPlan,
+    fallbacks: &[FallbackPlan],
+    per_filter: Option<Value>,
+) -> Value {
     let mut routes: Vec<Value> = fallbacks
         .iter()
         .filter(|f| f.first == p.name)
@@ -735,6 +784,13 @@ fn provider_virtual_host(p: &ProviderPlan, fallbacks: &[FallbackPlan]) -> Value 
             ]),
         ),
     ]));
+    if let Some(per_filter) = per_filter {
+        for route in &mut routes {
+            if let Value::Mapping(m) = route {
+                m.insert("typed_per_filter_config".into(), per_filter.clone());
+            }
+        }
+    }
     routes.push(not_rewritten_route());
     map([
         ("name", p.name.as_str().into()),
@@ -1199,6 +1255,12 @@ fn header(
     if let Some(ca) = &options.ca {
         command.push(format!("--ca {ca}"));
     }
+    if let Some(service) = &options.ratelimit {
+        command.push(format!("--ratelimit {}", addr(&service.address)));
+        if service.failure == ratelimit::Failure::Closed {
+            command.push("--ratelimit-failure closed".to_string());
+        }
+    }
 
     let list = |paths: Vec<String>| paths.join(", ");
     let mut out = format!(
@@ -1253,6 +1315,19 @@ fn header(
     } else {
         "#   any other host -> 404 (this Envoy serves nothing else)\n"
     });
+    if let Some(service) = &options.ratelimit {
+        out.push_str(&format!(
+            "# Budgets (LLMRoute rules' limits): Envoy's rate limit filter, after the llm-filter,\n\
+             # asks the rate limit service at {} (cluster {}; configure it with `llm-filter render\n\
+             # ratelimit`) and {} when it cannot answer.\n",
+            addr(&service.address),
+            ratelimit::CLUSTER,
+            match service.failure {
+                ratelimit::Failure::Open => "lets requests through uncounted",
+                ratelimit::Failure::Closed => "refuses requests (503)",
+            }
+        ));
+    }
     out.push_str(&format!(
         "# Admin interface: {}. Envoy opens the wasm module at\n\
          #   {}\n\
@@ -1266,7 +1341,7 @@ fn header(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use llm_filter::policy::Policy;
 
@@ -1688,7 +1763,7 @@ mod tests {
         );
     }
 
-    const FALLBACK: &str = "apiVersion: istio.alibabacloud.com/v1beta1
+    pub(crate) const FALLBACK: &str = "apiVersion: istio.alibabacloud.com/v1beta1
 kind: LLMProvider
 metadata: {name: dashscope-qwen}
 spec:
@@ -1790,6 +1865,80 @@ spec:
     }
 
     #[test]
+    fn budgets_get_the_rate_limit_filter_after_the_llm_filter_and_entries_on_their_routes() {
+        let text = crate::ratelimit::tests::budgets().replace(
+            "    backendRefs: [{providerHost: dashscope.aliyuncs.com, hostRewrite: qwen.internal}]\n",
+            "    backendRefs: [{providerHost: dashscope.aliyuncs.com, hostRewrite: qwen.internal}]\n    fallback: {providers: [api.moonshot.cn]}\n",
+        );
+        let error = render(&config(&text), &EnvoyOptions::default(), &files()).unwrap_err();
+        assert!(error.contains("pass --ratelimit ADDR:PORT"), "{error}");
+        let options = EnvoyOptions {
+            ratelimit: Some(crate::args::RateLimitService {
+                address: SocketAddr::new("127.0.0.1", 8081),
+                failure: ratelimit::Failure::Closed,
+            }),
+            ..EnvoyOptions::default()
+        };
+        let yaml = render(&config(&text), &options, &files()).unwrap();
+        assert!(
+            yaml.contains(" --ratelimit 127.0.0.1:8081 --ratelimit-failure closed\n"),
+            "{yaml}"
+        );
+        let doc: Value = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(
+            filter_names(&doc),
+            [WASM_FILTER, "envoy.filters.http.ratelimit", ROUTER]
+        );
+        let rl = cluster(&doc, ratelimit::CLUSTER);
+        assert_eq!(rl["type"], "STATIC");
+        assert!(rl["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+            ["http2_protocol_options"]
+            .is_mapping());
+        assert_eq!(
+            hcm(&doc)["local_reply_config"]["mappers"][1]["filter"]["response_flag_filter"]
+                ["flags"][0],
+            "RLSE"
+        );
+        let vhosts = hcm(&doc)["route_config"]["virtual_hosts"]
+            .as_sequence()
+            .unwrap();
+        let dashscope = vhosts
+            .iter()
+            .find(|v| v["name"] == "dashscope-qwen")
+            .unwrap();
+        let routes = dashscope["routes"].as_sequence().unwrap();
+        // The fallback route and the provider's own carry the limited rule's entries; the 404
+        // for what the filter did not rewrite needs none.
+        assert_eq!(routes.len(), 3);
+        assert!(routes[2].get("direct_response").is_some());
+        for route in &routes[..2] {
+            let entries = route["typed_per_filter_config"]["envoy.filters.http.ratelimit"]
+                ["rate_limits"]
+                .as_sequence()
+                .unwrap();
+            assert_eq!(entries.len(), 3);
+        }
+        let moonshot = vhosts.iter().find(|v| v["name"] == "moonshot").unwrap();
+        assert!(moonshot["routes"][0]
+            .get("typed_per_filter_config")
+            .is_none());
+        let extend = write_extend(
+            "rl.yaml",
+            "clusters:\n- name: llm-ratelimit\n  type: STATIC\n",
+        );
+        let clash = EnvoyOptions {
+            extends: vec![extend],
+            ..options
+        };
+        let error = render(&config(&text), &clash, &files()).unwrap_err();
+        assert!(
+            error.contains("the name \"llm-ratelimit\" is already taken by the rate limit service"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn without_fallback_nothing_changes_and_key_files_are_refused_in_one() {
         let yaml = render(&config(MESH), &EnvoyOptions::default(), &files()).unwrap();
         for absent in [
@@ -1797,6 +1946,8 @@ spec:
             UPSTREAM_ROOT_ID,
             "filter_metadata",
             "retry_policy",
+            "ratelimit",
+            "local_reply_config",
         ] {
             assert!(!yaml.contains(absent), "{absent}: {yaml}");
         }

@@ -24,8 +24,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use llm_filter::config::{FilterConfig, RouteManifest};
 use serde_json::{json, Value};
 
-use crate::args::{EnvoyOptions, IstioOptions};
+use crate::args::{EnvoyOptions, IstioOptions, RateLimitService};
 use crate::envoy::{self, normalize_host, ProviderPlan};
+use crate::ratelimit::{self, RuleBudgets};
 
 /// `pluginName` (Envoy's `root_id`) of every rendered WasmPlugin.
 pub const PLUGIN_NAME: &str = "llm-filter";
@@ -519,6 +520,44 @@ fn fallback_envoy_filter(
     envoy_filter(name, selection, comments, patches)
 }
 
+/// The `routeConfiguration` match of Istio's virtual host `<authority>:80` in `context`: a
+/// sidecar names its route configuration by port; a gateway's carries the server's port in the
+/// virtual host name already.
+/// The virtual hosts a limited rule's requests with `authority` reach: on sidecars
+/// `<authority>:80`; on gateways every name istiod may give the virtual host serving it for the
+/// routes that send requests there ([`gateway_vhost_names`]).
+fn budget_vhosts(config: &FilterConfig, context: &str, authority: &str) -> Vec<Value> {
+    if context != "GATEWAY" {
+        return vec![provider_vhost(context, authority)];
+    }
+    let mut names: Vec<String> = Vec::new();
+    for route in &config.routes {
+        if backend_authorities(route).any(|(a, _)| a == authority) {
+            for name in gateway_vhost_names(route, authority) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+    }
+    if names.is_empty() {
+        names.push(format!("{authority}:{PROVIDER_PORT}"));
+    }
+    names
+        .into_iter()
+        .map(|name| json!({ "vhost": {"name": name} }))
+        .collect()
+}
+
+fn provider_vhost(context: &str, authority: &str) -> Value {
+    let vhost = json!({ "name": format!("{authority}:{PROVIDER_PORT}") });
+    if context == "GATEWAY" {
+        json!({ "vhost": vhost })
+    } else {
+        json!({ "portNumber": PROVIDER_PORT, "vhost": vhost })
+    }
+}
+
 /// An `EnvoyFilter` named `name` with `patches`, for the workloads of `selection`.
 fn envoy_filter(
     name: &str,
@@ -608,8 +647,11 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
     gateway_config.settings.host_with_port = false;
     let gateway_only = envoy::gateway_only(config);
     let fallback = fallback_parts(config)?;
+    let budgets = ratelimit::plan(config);
+    ratelimit::require_service(&budgets, options.ratelimit.is_some(), "--ratelimit")?;
     let mut used_names: BTreeSet<(String, String)> = BTreeSet::new();
     let mut documents = Vec::with_capacity(selections.len());
+    let mut budget_filters = Vec::new();
     for (selection, reasons) in &selections {
         let config = if gateway_only && !reasons.gateways.is_empty() {
             &gateway_config
@@ -622,6 +664,21 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
             &selection.namespace,
             &mut used_names,
         );
+        if let (Some(service), false) = (&options.ratelimit, budgets.is_empty()) {
+            let filter_name = unique_name(
+                &dns_label(&format!("{name}-ratelimit")),
+                &selection.namespace,
+                &mut used_names,
+            );
+            budget_filters.push(ratelimit_envoy_filter(
+                config,
+                &budgets,
+                service,
+                &filter_name,
+                &name,
+                selection,
+            )?);
+        }
         let mut comments = vec![
             "The filter, with the whole configuration as pluginConfig (the JSON form it reads)."
                 .to_string(),
@@ -741,7 +798,110 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
             }),
         });
     }
+    documents.extend(budget_filters);
     Ok(documents)
+}
+
+/// Priority of the budgets' EnvoyFilter: applied after the filter's own (priority 0), so its
+/// INSERT_BEFORE of the router puts the rate limit filter after the llm-filter, whose filter
+/// state it reads.
+const RATELIMIT_PRIORITY: i64 = 10;
+
+/// The EnvoyFilter that counts the budgets on the proxies of `selection`: the rate limit filter
+/// just before the router (after the llm-filter, from a WasmPlugin or an EnvoyFilter),
+/// talking to the service's mesh cluster `outbound|<port>||<host>`; the OpenAI-shaped local
+/// replies in the HTTP connection manager; and per `:authority` a limited rule sends requests
+/// with, the rate limit entries on Istio's virtual host `<authority>:80`.
+fn ratelimit_envoy_filter(
+    config: &FilterConfig,
+    budgets: &[RuleBudgets],
+    service: &RateLimitService,
+    name: &str,
+    filter_name: &str,
+    selection: &Selection,
+) -> Result<Document, String> {
+    let to_json = |v: serde_yaml::Value| {
+        serde_json::to_value(v)
+            .map_err(|e| format!("render istio: cannot convert an Envoy resource to JSON: {e}"))
+    };
+    let cluster = format!(
+        "outbound|{}||{}",
+        service.address.port,
+        normalize_host(&service.address.address)
+    );
+    let filter = to_json(ratelimit::http_filter(&cluster, service.failure))?;
+    let replies = to_json(ratelimit::local_reply_config())?;
+    let hcm = "envoy.filters.network.http_connection_manager";
+    let mut patches = Vec::new();
+    for context in ["SIDECAR_OUTBOUND", "GATEWAY"] {
+        patches.push(json!({
+            "applyTo": "HTTP_FILTER",
+            "match": {
+                "context": context,
+                "listener": {"filterChain": {"filter": {
+                    "name": hcm,
+                    "subFilter": {"name": "envoy.filters.http.router"},
+                }}},
+            },
+            "patch": {"operation": "INSERT_BEFORE", "value": filter},
+        }));
+        patches.push(json!({
+            "applyTo": "NETWORK_FILTER",
+            "match": {"context": context, "listener": {"filterChain": {"filter": {"name": hcm}}}},
+            "patch": {"operation": "MERGE", "value": {
+                "name": hcm,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "local_reply_config": replies,
+                },
+            }},
+        }));
+        for authority in ratelimit::authorities(budgets) {
+            let limits = ratelimit::limits_for_authority(budgets, &authority);
+            let Some(per_filter) = ratelimit::per_filter_config(&limits) else {
+                continue;
+            };
+            let per_filter = to_json(per_filter)?;
+            for route_configuration in budget_vhosts(config, context, &authority) {
+                patches.push(json!({
+                    "applyTo": "VIRTUAL_HOST",
+                    "match": {"context": context, "routeConfiguration": route_configuration},
+                    "patch": {"operation": "MERGE", "value": {
+                        "typed_per_filter_config": per_filter.clone(),
+                    }},
+                }));
+            }
+        }
+    }
+    let limits: Vec<String> = budgets
+        .iter()
+        .flat_map(|rule| rule.limits.iter().map(|l| l.id.clone()))
+        .collect();
+    let comments = vec![
+        format!(
+            "Budgets (LLMRoute rules' limits: {}): Envoy's rate limit filter asks the rate limit \
+             service {} (cluster {cluster}; configure it with `llm-filter render ratelimit`) and {} \
+             when it cannot answer. Priority {RATELIMIT_PRIORITY}: applied after the filter's own \
+             resources, so it runs after the llm-filter ({filter_name}), whose filter state says \
+             which budgets a request spends from.",
+            limits.join(", "),
+            service.address.address,
+            match service.failure {
+                ratelimit::Failure::Open => "lets requests through uncounted",
+                ratelimit::Failure::Closed => "refuses requests (503)",
+            }
+        ),
+        format!(
+            "NETWORK_FILTER MERGE: the rate limit filter's refusals (429, with retry-after) and \
+             failures (503) as OpenAI-shaped errors. VIRTUAL_HOST MERGE: the rate limit entries \
+             on each virtual host <authority>:{PROVIDER_PORT} a limited rule's requests reach \
+             (sidecars: route configuration {PROVIDER_PORT}; gateways: a Gateway server on port \
+             {PROVIDER_PORT})."
+        ),
+    ];
+    let mut document = envoy_filter(name, selection, comments, patches);
+    document.resource["spec"]["priority"] = json!(RATELIMIT_PRIORITY);
+    Ok(document)
 }
 
 /// `llm-filter` for a namespace-wide plugin, `llm-filter-<label values>` for a selector.
@@ -862,17 +1022,11 @@ fn rewritten_hosts(route: &RouteManifest) -> Vec<(String, String)> {
 
 /// `(:authority after the rewrite, provider host)` of every backendRef of a route.
 fn backend_authorities(route: &RouteManifest) -> impl Iterator<Item = (String, String)> + '_ {
-    route.spec.rules.iter().flat_map(|rule| {
-        rule.backend_refs.iter().map(|backend| {
-            let provider = normalize_host(&backend.provider_host);
-            let authority = backend
-                .host_rewrite
-                .as_deref()
-                .map(normalize_host)
-                .unwrap_or_else(|| provider.clone());
-            (authority, provider)
-        })
-    })
+    route
+        .spec
+        .rules
+        .iter()
+        .flat_map(|rule| rule.backend_refs.iter().map(envoy::backend_authority))
 }
 
 fn virtual_services(config: &FilterConfig) -> Result<Vec<Document>, String> {
@@ -1251,6 +1405,7 @@ spec:
         );
         let empty_url = IstioOptions {
             wasm_url: " ".to_string(),
+            ..IstioOptions::default()
         };
         assert!(render(&FilterConfig::default(), &empty_url).is_err());
     }
@@ -1642,6 +1797,96 @@ spec:
         }
         let docs = documents(&text);
         assert_eq!(of_kind(&docs, "EnvoyFilter").len(), 1);
+    }
+
+    fn with_ratelimit(text: &str, failure: ratelimit::Failure) -> Vec<serde_yaml::Value> {
+        let options = IstioOptions {
+            ratelimit: Some(RateLimitService {
+                address: crate::args::SocketAddr::new("ratelimit.infra.svc.cluster.local", 8081),
+                failure,
+            }),
+            ..IstioOptions::default()
+        };
+        let out = render(&config(text), &options).unwrap();
+        serde_yaml::Deserializer::from_str(&out)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .filter(|v: &serde_yaml::Value| !v.is_null())
+            .collect()
+    }
+
+    #[test]
+    fn budgets_get_an_envoy_filter_with_the_rate_limit_filter_replies_and_entries() {
+        let text = &crate::ratelimit::tests::budgets();
+        let error = render(&config(text), &IstioOptions::default()).unwrap_err();
+        assert!(
+            error.contains(
+                "rules[0].limits: budgets need Envoy's rate limit service: pass --ratelimit"
+            ),
+            "{error}"
+        );
+        let docs = with_ratelimit(text, ratelimit::Failure::Closed);
+        // The filter itself is still the WasmPlugin: the budgets' decision is made at header time.
+        assert_eq!(of_kind(&docs, "WasmPlugin").len(), 1);
+        let filters = of_kind(&docs, "EnvoyFilter");
+        assert_eq!(filters.len(), 1);
+        let rl = filters[0];
+        assert_eq!(rl["metadata"]["name"], "llm-filter-ratelimit");
+        assert_eq!(rl["metadata"]["namespace"], "default");
+        assert_eq!(rl["spec"]["priority"], 10);
+        for context in ["SIDECAR_OUTBOUND", "GATEWAY"] {
+            let http = values(rl, "HTTP_FILTER", context);
+            assert_eq!(http.len(), 1);
+            let config = &http[0]["typed_config"];
+            assert_eq!(config["domain"], "llm-filter");
+            assert_eq!(config["failure_mode_deny"], true);
+            assert_eq!(
+                config["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"],
+                "outbound|8081||ratelimit.infra.svc.cluster.local"
+            );
+            let hcm = values(rl, "NETWORK_FILTER", context);
+            assert_eq!(
+                hcm[0]["typed_config"]["local_reply_config"]["mappers"][0]["body_format_override"]
+                    ["json_format"]["error"]["code"],
+                "rate_limit_exceeded"
+            );
+            let vhosts: Vec<&serde_yaml::Value> = patches(rl)
+                .into_iter()
+                .filter(|p| p["applyTo"] == "VIRTUAL_HOST" && p["match"]["context"] == context)
+                .collect();
+            // The limited rule's only backend is rewritten to qwen.internal.
+            assert_eq!(vhosts.len(), 1);
+            let route_config = &vhosts[0]["match"]["routeConfiguration"];
+            assert_eq!(route_config["vhost"]["name"], "qwen.internal:80");
+            assert_eq!(
+                route_config.get("portNumber").is_some(),
+                context == "SIDECAR_OUTBOUND"
+            );
+            assert_eq!(vhosts[0]["patch"]["operation"], "MERGE");
+            let entries = &vhosts[0]["patch"]["value"]["typed_per_filter_config"]
+                ["envoy.filters.http.ratelimit"]["rate_limits"];
+            assert_eq!(entries.as_sequence().unwrap().len(), 3);
+            assert_eq!(entries[1]["apply_on_stream_done"], true);
+        }
+        // With fallback the filter comes from an EnvoyFilter, and the budgets' one still follows.
+        let with_fallback = text.replace(
+            "    backendRefs: [{providerHost: dashscope.aliyuncs.com, hostRewrite: qwen.internal}]\n",
+            "    backendRefs: [{providerHost: dashscope.aliyuncs.com, hostRewrite: qwen.internal}]\n    fallback: {providers: [api.moonshot.cn]}\n",
+        );
+        let docs = with_ratelimit(&with_fallback, ratelimit::Failure::Open);
+        let names: Vec<&str> = of_kind(&docs, "EnvoyFilter")
+            .iter()
+            .map(|f| f["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["llm-filter", "llm-filter-fallback", "llm-filter-ratelimit"]
+        );
+        // No limits: nothing about rate limits, even with --ratelimit.
+        let docs = with_ratelimit(
+            &provider("a", "default", "a.example", ""),
+            ratelimit::Failure::Open,
+        );
+        assert!(of_kind(&docs, "EnvoyFilter").is_empty());
     }
 
     #[test]

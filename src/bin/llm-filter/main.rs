@@ -1,7 +1,8 @@
 //! `llm-filter`: the host-side companion of the filter. It reads the same `LLMProvider` /
 //! `LLMRoute` manifests with the same parsing and validation code as the filter, so a
 //! configuration that renders is one the filter accepts. `llm-filter --help` lists the
-//! commands (`check`, `render envoy`, `render istio`, `crds`, `completions`).
+//! commands (`check`, `render envoy`, `render istio`, `render ratelimit`, `crds`,
+//! `completions`).
 //!
 //! Output goes to stdout only once everything succeeded; errors go to stderr, one line each,
 //! and the exit code is 1 (2 for a usage error, reported by clap).
@@ -19,6 +20,8 @@ mod envoy;
 mod input;
 #[cfg(not(target_arch = "wasm32"))]
 mod istio;
+#[cfg(not(target_arch = "wasm32"))]
+mod ratelimit;
 
 #[cfg(not(target_arch = "wasm32"))]
 fn main() -> std::process::ExitCode {
@@ -76,8 +79,15 @@ fn run(command: args::Command) -> Result<String, Vec<String>> {
             let loaded = input::load_for_render(&args.files)?;
             let options = args::IstioOptions {
                 wasm_url: args.wasm_url,
+                ratelimit: args.ratelimit.service(),
             };
             istio::render(&loaded.config, &options).map_err(|e| vec![e])
+        }
+        Command::Render(Render::Ratelimit(args)) => {
+            // No API keys in this output: `${NAME}` need not be set.
+            let loaded = input::load(&args.files)?;
+            loaded.validate()?;
+            ratelimit::render(&loaded.config, &args.files).map_err(|e| vec![e])
         }
     }
 }
