@@ -26,19 +26,16 @@ use support::*;
 async fn mesh() {
     let s = Stack::start("mesh.yaml");
     let t = Target {
-        name: "mesh.yaml".into(),
-        addr: s.envoy.addr,
-        provider: &s.provider,
         local: Some(&s.local),
-        source: None,
-        headers: vec![bearer(CLIENT_TOKEN)],
-        credential: CLIENT_TOKEN.to_string(),
-        others_go_nowhere: false,
-        host_with_port: true,
-        calls: vec![
-            (DASHSCOPE, DASHSCOPE_PATH, KEY_DASHSCOPE),
-            (MOONSHOT, MOONSHOT_PATH, KEY_MOONSHOT),
-        ],
+        ..Target::new(
+            "mesh.yaml",
+            s.envoy.addr,
+            &s.provider,
+            vec![
+                (DASHSCOPE, DASHSCOPE_PATH, KEY_DASHSCOPE),
+                (MOONSHOT, MOONSHOT_PATH, KEY_MOONSHOT),
+            ],
+        )
     };
     let hosts = [
         ("demo-llm-server", Kind::Route),
@@ -68,21 +65,18 @@ async fn gateway_with_rbac_deny() {
     ];
     for (source, denied) in [(None, false), (Some(DENIED), true)] {
         let t = Target {
-            name: if denied {
-                "gateway.yaml from 127.0.0.2"
-            } else {
-                "gateway.yaml"
-            }
-            .into(),
-            addr: s.envoy.addr,
-            provider: &s.provider,
             local: Some(&s.local),
             source,
-            headers: vec![bearer(CLIENT_TOKEN)],
-            credential: CLIENT_TOKEN.to_string(),
-            others_go_nowhere: false,
-            host_with_port: true,
-            calls: vec![(DASHSCOPE, DASHSCOPE_PATH, KEY_GATEWAY)],
+            ..Target::new(
+                if denied {
+                    "gateway.yaml from 127.0.0.2"
+                } else {
+                    "gateway.yaml"
+                },
+                s.envoy.addr,
+                &s.provider,
+                vec![(DASHSCOPE, DASHSCOPE_PATH, KEY_GATEWAY)],
+            )
         };
         let before = s.provider.all_requests().len();
         t.table(&hosts, |kind| match (kind, denied) {
@@ -119,21 +113,19 @@ async fn jwt_gateway() {
     ];
     for (credential, valid) in [(CLIENT_TOKEN.to_string(), false), (token, true)] {
         let t = Target {
-            name: if valid {
-                "jwt.yaml with a valid token"
-            } else {
-                "jwt.yaml without a valid token"
-            }
-            .into(),
-            addr: s.envoy.addr,
-            provider: &s.provider,
             local: Some(&s.local),
-            source: None,
             headers: vec![bearer(&credential)],
             credential: credential.clone(),
-            others_go_nowhere: false,
-            host_with_port: true,
-            calls: vec![(DASHSCOPE, DASHSCOPE_PATH, KEY_GATEWAY)],
+            ..Target::new(
+                if valid {
+                    "jwt.yaml with a valid token"
+                } else {
+                    "jwt.yaml without a valid token"
+                },
+                s.envoy.addr,
+                &s.provider,
+                vec![(DASHSCOPE, DASHSCOPE_PATH, KEY_GATEWAY)],
+            )
         };
         let before = s.provider.all_requests().len();
         t.table(&hosts, |kind| match (kind, valid) {
@@ -181,21 +173,17 @@ async fn ext_authz_gateway() {
             }
         });
         let t = Target {
-            name: if allowed {
-                "ext-authz.yaml, allowed"
-            } else {
-                "ext-authz.yaml, denied"
-            }
-            .into(),
-            addr: s.envoy.addr,
-            provider: &s.provider,
             local: Some(&s.local),
-            source: None,
-            headers: vec![bearer(CLIENT_TOKEN)],
-            credential: CLIENT_TOKEN.to_string(),
-            others_go_nowhere: false,
-            host_with_port: true,
-            calls: vec![(DASHSCOPE, DASHSCOPE_PATH, KEY_GATEWAY)],
+            ..Target::new(
+                if allowed {
+                    "ext-authz.yaml, allowed"
+                } else {
+                    "ext-authz.yaml, denied"
+                },
+                s.envoy.addr,
+                &s.provider,
+                vec![(DASHSCOPE, DASHSCOPE_PATH, KEY_GATEWAY)],
+            )
         };
         let before = s.provider.all_requests().len();
         t.table(&hosts, |kind| match (kind, allowed) {
@@ -254,18 +242,12 @@ async fn api_key_file() {
         &[(DASHSCOPE, provider.addr())],
     );
     let envoy = Envoy::start(&yaml, "host-forms-key-file");
-    let t = Target {
-        name: "apiKeyFile".into(),
-        addr: envoy.addr,
-        provider: &provider,
-        local: None,
-        source: None,
-        headers: vec![bearer(CLIENT_TOKEN)],
-        credential: CLIENT_TOKEN.to_string(),
-        others_go_nowhere: false,
-        host_with_port: true,
-        calls: vec![(DASHSCOPE, DASHSCOPE_PATH, KEY)],
-    };
+    let t = Target::new(
+        "apiKeyFile",
+        envoy.addr,
+        &provider,
+        vec![(DASHSCOPE, DASHSCOPE_PATH, KEY)],
+    );
     let hosts = [
         ("test.com", Kind::Route),
         (DASHSCOPE, Kind::Provider),
@@ -340,11 +322,6 @@ async fn fallback() {
     );
     let envoy = Envoy::start(&yaml, "host-forms-fallback");
     let t = Target {
-        name: "fallback".into(),
-        addr: envoy.addr,
-        provider: &provider,
-        local: None,
-        source: None,
         headers: vec![
             bearer(CLIENT_TOKEN),
             (
@@ -352,13 +329,15 @@ async fn fallback() {
                 "default/ha-route/0".to_string(),
             ),
         ],
-        credential: CLIENT_TOKEN.to_string(),
-        others_go_nowhere: false,
-        host_with_port: true,
-        calls: vec![
-            (DASHSCOPE, DASHSCOPE_PATH, "sk-forms-dashscope"),
-            (MOONSHOT, MOONSHOT_PATH, "sk-forms-moonshot"),
-        ],
+        ..Target::new(
+            "fallback",
+            envoy.addr,
+            &provider,
+            vec![
+                (DASHSCOPE, DASHSCOPE_PATH, "sk-forms-dashscope"),
+                (MOONSHOT, MOONSHOT_PATH, "sk-forms-moonshot"),
+            ],
+        )
     };
     let hosts = [
         ("test.com", Kind::Route),

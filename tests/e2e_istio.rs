@@ -843,19 +843,16 @@ async fn no_host_form_reaches_a_provider_unrewritten_or_skips_the_policy() {
     let mesh = seeds_mesh("host-forms", &mock, &[&policy]);
 
     let sidecar = Target {
-        name: "Istio sidecar".into(),
-        addr: mesh.sidecar,
-        provider: &mock,
-        local: None,
-        source: None,
-        headers: vec![bearer(CLIENT_TOKEN)],
-        credential: CLIENT_TOKEN.to_string(),
         others_go_nowhere: true,
-        host_with_port: true,
-        calls: vec![
-            (DASHSCOPE, DASHSCOPE_PATH, KEY_DASHSCOPE),
-            (MOONSHOT, MOONSHOT_PATH, KEY_MOONSHOT),
-        ],
+        ..Target::new(
+            "Istio sidecar",
+            mesh.sidecar,
+            &mock,
+            vec![
+                (DASHSCOPE, DASHSCOPE_PATH, KEY_DASHSCOPE),
+                (MOONSHOT, MOONSHOT_PATH, KEY_MOONSHOT),
+            ],
+        )
     };
     let hosts = [
         ("demo-llm-server", Kind::Route),
@@ -931,19 +928,19 @@ async fn no_host_form_skips_the_jwt_requirement() {
     ];
     for (credential, valid) in [(CLIENT_TOKEN.to_string(), false), (token, true)] {
         let gateway = Target {
-            name: format!(
-                "Istio JWT gateway {} a valid token",
-                if valid { "with" } else { "without" }
-            ),
-            addr: mesh.gateway,
-            provider: &mock,
-            local: None,
-            source: None,
             headers: vec![bearer(&credential)],
             credential: credential.clone(),
             others_go_nowhere: true,
             host_with_port: false,
-            calls: vec![(DASHSCOPE, DASHSCOPE_PATH, KEY_GATEWAY)],
+            ..Target::new(
+                format!(
+                    "Istio JWT gateway {} a valid token",
+                    if valid { "with" } else { "without" }
+                ),
+                mesh.gateway,
+                &mock,
+                vec![(DASHSCOPE, DASHSCOPE_PATH, KEY_GATEWAY)],
+            )
         };
         let before = mock.all_requests().len();
         gateway

@@ -147,6 +147,28 @@ pub struct Target<'a> {
 }
 
 impl<'a> Target<'a> {
+    /// A client sending its own token (`CLIENT_TOKEN`) from 127.0.0.1 to the proxy at `addr`,
+    /// whose providers may receive only `calls`; no local service, ports served.
+    pub fn new(
+        name: impl Into<String>,
+        addr: SocketAddr,
+        provider: &'a MockServer,
+        calls: Vec<(&'a str, &'a str, &'a str)>,
+    ) -> Target<'a> {
+        Target {
+            name: name.into(),
+            addr,
+            provider,
+            local: None,
+            source: None,
+            headers: vec![bearer(CLIENT_TOKEN)],
+            credential: CLIENT_TOKEN.to_string(),
+            calls,
+            others_go_nowhere: false,
+            host_with_port: true,
+        }
+    }
+
     /// The same client and provider, for another proxy (override the fields that differ).
     pub fn clone_for(&self) -> Target<'a> {
         Target {
