@@ -32,8 +32,9 @@
 #   --ratelimit IP:PORT  Envoy's rate limit service (what `scripts/ratelimit.sh up` prints as
 #                     ratelimit=), for manifests with budgets (`limits`): every file is rendered
 #                     with `render istio --ratelimit ratelimit.istio-system.svc.cluster.local:8081`,
-#                     and the mesh gets a ServiceEntry for that host with IP:PORT as its endpoint,
-#                     as a Kubernetes Service in front of the service's pods would be. Without it,
+#                     and the mesh gets a ServiceEntry for that host, as a Kubernetes Service in
+#                     front of the service's pods would be; the proxies reach it at IP:PORT
+#                     through the same --endpoint override as the providers. Without it,
 #                     manifests with budgets are refused.
 #   --ratelimit-failure open|closed  passed on to `render istio` (default open).
 #   --work DIR        where state, logs and configs go (default: .work/mesh).
@@ -295,7 +296,10 @@ EOF
 ---
 # The rate limit service (--ratelimit), what a Kubernetes Service in front of its pods is in a
 # cluster: \`render istio --ratelimit $RATELIMIT_HOST:$RATELIMIT_PORT\` points the proxies at
-# Istio's cluster outbound|$RATELIMIT_PORT||$RATELIMIT_HOST for it (gRPC, so HTTP/2).
+# Istio's cluster outbound|$RATELIMIT_PORT||$RATELIMIT_HOST for it (gRPC, so HTTP/2). Resolution DNS
+# with the discovery server's --endpoint override to ${RATELIMIT}, not a STATIC endpoint: istiod
+# takes a proxy whose IP is a ServiceEntry endpoint's address for an instance of that service, and
+# here the gateway and the service share 127.0.0.1.
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata:
@@ -304,12 +308,9 @@ metadata:
 spec:
   hosts: [$RATELIMIT_HOST]
   location: MESH_INTERNAL
-  resolution: STATIC
+  resolution: DNS
   ports:
   - {name: grpc, number: $RATELIMIT_PORT, protocol: GRPC}
-  endpoints:
-  - address: ${RATELIMIT%:*}
-    ports: {grpc: ${RATELIMIT##*:}}
 EOF
 }
 
@@ -318,7 +319,7 @@ proxy() {
     local name=$1 type=$2 ip=$3 pod=$4 ns=$5 labels=$6 workload=$7
     "$ISTIOD" bootstrap --type "$type" --ip "$ip" --name "$pod" --namespace "$ns" \
         --labels "$labels" --workload "$workload" --xds "$XDS" \
-        --sds "$MESH/root/var/run/secrets/workload-spiffe-uds/socket" >"$MESH/$name.json" ||
+        --sds "$SDS_SOCKET" >"$MESH/$name.json" ||
         die "bootstrap of the $name failed"
     rm -f "$MESH/$name.admin"
     start "$name" "$MESH/$name.log" bash "$REPO_ROOT/scripts/mesh.sh" _proxy "$MESH" "$name" "$WASM" "$ENVOY"
@@ -356,6 +357,10 @@ up() {
     done
     ISTIO_FILES=("${abs[@]}")
 
+    # Envoy refuses a UNIX socket path longer than 107 bytes, with a message about DNS.
+    SDS_SOCKET=$MESH/root/var/run/secrets/workload-spiffe-uds/socket
+    [ ${#SDS_SOCKET} -le 107 ] ||
+        die "the SDS socket $SDS_SOCKET is longer than a UNIX socket path may be (107 bytes): use a shorter --work DIR"
     rm -rf "$MESH/config" "$MESH/root" "$MESH/mocks"
     mkdir -p "$MESH/config" "$MESH/root"
     render_all || exit 1
@@ -389,6 +394,7 @@ up() {
     cat "$OS_CA_BUNDLE" ${ca:+"$ca"} >"$MESH/root/ca-bundle.pem"
     ca=$MESH/root/ca-bundle.pem
     for p in "${PROVIDERS[@]}"; do endpoints+=(--endpoint "$p"); done
+    [ -z "$RATELIMIT" ] || endpoints+=(--endpoint "$RATELIMIT_HOST=$RATELIMIT")
 
     local args=() c
     for c in "${CONFIGS[@]}"; do args+=(--config "$c"); done
