@@ -1284,7 +1284,7 @@ async fn the_budget_follows_the_tokens_subject_through_istiod_and_a_forged_user_
     let manifests = jwt_budget_manifests();
     let service = RateLimitService::up("istio-jwt", &service_config("istio-jwt", &manifests));
     let mock = MockServer::start_tls(&pki().0).expect("mock provider");
-    let mesh = Mesh::builder("jwt-ids")
+    let mesh = Mesh::builder("budgets-jwt")
         .manifests(&manifests)
         .shipped_istio("ingress-gw.yaml")
         .shipped_istio("jwt-user-id.yaml")
