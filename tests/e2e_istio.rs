@@ -1403,6 +1403,25 @@ async fn the_budget_follows_the_tokens_subject_through_istiod_and_a_forged_user_
         1
     );
     assert_eq!(service.count(&format!("{requests}_x-user-id_alice_")), 0);
+    // A valid token without `sub`: nothing to copy, and the client's x-user-id is gone too.
+    let mut claims = jwt::claims("nobody");
+    claims.as_object_mut().unwrap().remove("sub");
+    let keyless = |counters: &[(String, u64)]| -> u64 {
+        counters
+            .iter()
+            .filter(|(k, _)| k.contains(requests) && !k.contains("x-user-id"))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let shared = keyless(&service.counters());
+    mock.clear();
+    let req = budget_chat("open.example.com", Some("alice"))
+        .header("authorization", &format!("Bearer {}", jwt::sign(&claims)));
+    let resp = send(mesh.gateway, &req).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(mock.requests()[0].header("x-user-id"), None);
+    assert_eq!(keyless(&service.counters()), shared + 1);
+    assert_eq!(service.count(&format!("{requests}_x-user-id_alice_")), 0);
 
     // A CORS preflight skips jwt_authn (istiod sets bypass_cors_preflight): the filter answers
     // it 405 on an LLM host, so its x-user-id spends nothing and nothing reaches a provider.
