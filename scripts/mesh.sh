@@ -5,7 +5,8 @@
 # the real ones unless you name your own.
 #
 #   scripts/mesh.sh up [--manifests FILE] [--istio FILE]... [--provider HOST=IP:PORT]...
-#                      [--provider-ca PEM] [--work DIR]
+#                      [--provider-ca PEM] [--ratelimit IP:PORT [--ratelimit-failure open|closed]]
+#                      [--work DIR]
 #   scripts/mesh.sh reload [--work DIR]   render the same manifests again and push the change
 #   scripts/mesh.sh down [--work DIR]     stop everything `up` started
 #   scripts/mesh.sh build                 build the discovery server only; print its path
@@ -28,6 +29,14 @@
 #                     forms of TLS origination verify against: istio-agent serves that file as
 #                     the SDS secret file-root:system (DestinationRule SIMPLE without
 #                     caCertificates), and the fallback clusters name it directly.
+#   --ratelimit IP:PORT  Envoy's rate limit service (what `scripts/ratelimit.sh up` prints as
+#                     ratelimit=), for manifests with budgets (`limits`): every file is rendered
+#                     with `render istio --ratelimit ratelimit.istio-system.svc.cluster.local:8081`,
+#                     and the mesh gets a ServiceEntry for that host, as a Kubernetes Service in
+#                     front of the service's pods would be; the proxies reach it at IP:PORT
+#                     through the same --endpoint override as the providers. Without it,
+#                     manifests with budgets are refused.
+#   --ratelimit-failure open|closed  passed on to `render istio` (default open).
 #   --work DIR        where state, logs and configs go (default: .work/mesh).
 #
 # It starts the discovery server, the sidecar (namespace default, labels app=sleep) and the
@@ -42,7 +51,8 @@
 # that binds the sidecar's outbound listeners to a loopback address of its own (port 80, so
 # `curl http://SIDECAR -H 'host: demo-llm-server'` is what `curl http://demo-llm-server` is in a
 # pod), and the gateway's Service istio-system/istio-ingressgateway (port 80 to a free port,
-# the translation a real install's gateway Service makes from 80 to 8080). The proxies run in
+# the translation a real install's gateway Service makes from 80 to 8080), and with --ratelimit
+# the rate limit service's ServiceEntry. The proxies run in
 # their own mount namespace with the release .wasm at /var/local/lib/wasm/llm_filter.wasm, where
 # the EnvoyFilter form expects the mounted module, and the OS bundle plus --provider-ca at
 # /etc/ssl/certs/ca-certificates.crt. Provider hosts reach --provider addresses
@@ -58,11 +68,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # Our five lines go to the real stdout (fd 3); every log line to stderr.
 exec 3>&1 1>&2
 
-usage() { sed -n '2,54s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,/^# shellcheck/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
 # The module path the EnvoyFilter form loads (src/bin/llm-filter/istio.rs MOUNTED_WASM).
 MOUNTED_WASM=/var/local/lib/wasm/llm_filter.wasm
 OS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+# The rate limit service as the mesh names it (envoyproxy/ratelimit's gRPC port); see --ratelimit.
+RATELIMIT_HOST=ratelimit.istio-system.svc.cluster.local
+RATELIMIT_PORT=8081
 
 # _proxy MESH NAME WASM ENVOY (internal): Envoy in a mount namespace of its own with the
 # module mounted where the EnvoyFilter form expects it and MESH/root/ca-bundle.pem as its OS CA
@@ -95,15 +108,19 @@ MANIFESTS=()
 ISTIO_FILES=()
 PROVIDERS=()
 PROVIDER_CA=""
+RATELIMIT=""
+RATELIMIT_FAILURE=""
 while [ $# -gt 0 ]; do
     case $1 in
-    --manifests | --istio | --provider | --provider-ca | --work)
+    --manifests | --istio | --provider | --provider-ca | --ratelimit | --ratelimit-failure | --work)
         [ $# -ge 2 ] || die "$1 needs a value"
         case $1 in
         --manifests) MANIFESTS+=("$2") ;;
         --istio) ISTIO_FILES+=("$2") ;;
         --provider) PROVIDERS+=("$2") ;;
         --provider-ca) PROVIDER_CA=$2 ;;
+        --ratelimit) RATELIMIT=$2 ;;
+        --ratelimit-failure) RATELIMIT_FAILURE=$2 ;;
         --work) MESH=$2 ;;
         esac
         shift 2
@@ -115,6 +132,15 @@ while [ $# -gt 0 ]; do
     *) die "unknown argument $1 (see scripts/mesh.sh --help)" ;;
     esac
 done
+if [ -n "$RATELIMIT" ]; then
+    [[ $RATELIMIT =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}:[0-9]{1,5}$ ]] ||
+        die "--ratelimit $RATELIMIT: expected IP:PORT (what scripts/ratelimit.sh up prints)"
+fi
+case $RATELIMIT_FAILURE in
+"" | open | closed) ;;
+*) die "--ratelimit-failure $RATELIMIT_FAILURE: expected open or closed" ;;
+esac
+[ -z "$RATELIMIT_FAILURE" ] || [ -n "$RATELIMIT" ] || die "--ratelimit-failure needs --ratelimit"
 mkdir -p "$MESH"
 MESH=$(cd "$MESH" && pwd)
 PIDS_FILE=$MESH/pids
@@ -166,12 +192,16 @@ wait_file() {
 
 # render_all: each manifest file through `render istio` into $MESH/config/rendered-N.yaml.
 render_all() {
-    local i=0 f out
+    local i=0 f out flags=()
     RENDERED=()
+    if [ -n "$RATELIMIT" ]; then
+        flags=(--ratelimit "$RATELIMIT_HOST:$RATELIMIT_PORT")
+        [ -z "$RATELIMIT_FAILURE" ] || flags+=(--ratelimit-failure "$RATELIMIT_FAILURE")
+    fi
     for f in "${MANIFEST_FILES[@]}"; do
         i=$((i + 1))
         out=$MESH/config/rendered-$i-$(basename "$f")
-        if ! "$LLM_FILTER" render istio "$f" --wasm-url "file://$WASM" >"$out.tmp"; then
+        if ! "$LLM_FILTER" render istio "$f" --wasm-url "file://$WASM" "${flags[@]}" >"$out.tmp"; then
             rm -f "$out.tmp"
             printf 'llm-filter render istio %s failed (above)\n' "$f" >&2
             return 1
@@ -261,14 +291,40 @@ spec:
     port: 80
     targetPort: $GATEWAY_PORT
 EOF
+    [ -n "$RATELIMIT" ] || return 0
+    cat <<EOF
+---
+# The rate limit service (--ratelimit), what a Kubernetes Service in front of its pods is in a
+# cluster: \`render istio --ratelimit $RATELIMIT_HOST:$RATELIMIT_PORT\` points the proxies at
+# Istio's cluster outbound|$RATELIMIT_PORT||$RATELIMIT_HOST for it (gRPC, so HTTP/2). Resolution DNS
+# with the discovery server's --endpoint override to ${RATELIMIT}, not a STATIC endpoint: istiod
+# takes a proxy whose IP is a ServiceEntry endpoint's address for an instance of that service, and
+# here the gateway and the service share 127.0.0.1.
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: ratelimit
+  namespace: istio-system
+spec:
+  hosts: [$RATELIMIT_HOST]
+  location: MESH_INTERNAL
+  resolution: DNS
+  ports:
+  - {name: grpc, number: $RATELIMIT_PORT, protocol: GRPC}
+EOF
 }
+
+# istio-agent's SDS socket, relative to the proxies' working directory ($MESH/root) as in
+# istio-agent's own bootstrap: an absolute path under a long --work DIR would exceed the 107 bytes
+# of a UNIX socket path, which Envoy refuses.
+SDS_SOCKET=./var/run/secrets/workload-spiffe-uds/socket
 
 # proxy NAME TYPE IP POD NAMESPACE LABELS WORKLOAD: bootstrap and start one Envoy.
 proxy() {
     local name=$1 type=$2 ip=$3 pod=$4 ns=$5 labels=$6 workload=$7
     "$ISTIOD" bootstrap --type "$type" --ip "$ip" --name "$pod" --namespace "$ns" \
         --labels "$labels" --workload "$workload" --xds "$XDS" \
-        --sds "$MESH/root/var/run/secrets/workload-spiffe-uds/socket" >"$MESH/$name.json" ||
+        --sds "$SDS_SOCKET" >"$MESH/$name.json" ||
         die "bootstrap of the $name failed"
     rm -f "$MESH/$name.admin"
     start "$name" "$MESH/$name.log" bash "$REPO_ROOT/scripts/mesh.sh" _proxy "$MESH" "$name" "$WASM" "$ENVOY"
@@ -339,6 +395,7 @@ up() {
     cat "$OS_CA_BUNDLE" ${ca:+"$ca"} >"$MESH/root/ca-bundle.pem"
     ca=$MESH/root/ca-bundle.pem
     for p in "${PROVIDERS[@]}"; do endpoints+=(--endpoint "$p"); done
+    [ -z "$RATELIMIT" ] || endpoints+=(--endpoint "$RATELIMIT_HOST=$RATELIMIT")
 
     local args=() c
     for c in "${CONFIGS[@]}"; do args+=(--config "$c"); done
@@ -383,6 +440,7 @@ up() {
     {
         printf 'MANIFEST_FILES=(%s)\n' "$(printf '%q ' "${MANIFEST_FILES[@]}")"
         printf 'LLM_FILTER=%q\nWASM=%q\nISTIOD_ADMIN=%q\n' "$LLM_FILTER" "$WASM" "$ISTIOD_ADMIN"
+        printf 'RATELIMIT=%q\nRATELIMIT_FAILURE=%q\n' "$RATELIMIT" "$RATELIMIT_FAILURE"
     } >"$STATE"
     ok "local mesh up (istiod log: $MESH/istiod.log; proxies: $MESH/sidecar.log, $MESH/gateway.log)"
     printf 'sidecar=%s:80\ngateway=127.0.0.1:%s\nsidecar_admin=%s\ngateway_admin=%s\nxds=%s\n' \

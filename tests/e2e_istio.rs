@@ -963,3 +963,478 @@ async fn no_host_form_skips_the_jwt_requirement() {
         }
     }
 }
+
+/// The rate limit service's cluster as istiod names it for `render istio --ratelimit
+/// ratelimit.istio-system.svc.cluster.local:8081` (scripts/mesh.sh's ServiceEntry).
+const RATELIMIT_CLUSTER: &str = "outbound|8081||ratelimit.istio-system.svc.cluster.local";
+
+/// A provider for every workload of `default` and a route served by the sidecar and by the
+/// gateway (`gateways`; the filter itself serves a route wherever it runs), with a token budget
+/// per user. The route host is longer than the provider's: on the gateway istiod collapses the
+/// route's VirtualService into one virtual host named after it, not after the provider host.
+fn shared_budget_manifests(tokens: u32) -> String {
+    format!(
+        "apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMProvider
+metadata: {{name: dashscope-qwen, namespace: default}}
+spec:
+  host: dashscope.aliyuncs.com
+  path: /compatible-mode/v1/chat/completions
+  configs:
+    defaultConfig:
+      openAIConfig: {{model: qwen-turbo, apiKey: {KEY_A}}}
+---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {{name: assistants, namespace: default}}
+spec:
+  host: {BUDGET_HOST}
+  gateways: [istio-system/ingress-gw]
+  rules:
+  - name: chat
+    limits:
+    - {{name: per-user, tokens: {tokens}, per: hour, key: {{header: x-user-id}}}}
+    backendRefs:
+    - providerHost: dashscope.aliyuncs.com
+"
+    )
+}
+
+const BUDGET_HOST: &str = "assistants.budgets.example.com";
+
+/// The HTTP connection manager of the proxy's listener on `port`.
+fn hcm(mesh: &Mesh, proxy: Proxy, port: u16) -> Value {
+    let dump = mesh.config_dump(proxy, "?resource=dynamic_listeners");
+    dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["active_state"]["listener"])
+        .find(|l| l["address"]["socket_address"]["port_value"] == port)
+        .and_then(|l| {
+            l["filter_chains"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|c| c["filters"].as_array().unwrap())
+                .find(|f| f["name"] == "envoy.filters.network.http_connection_manager")
+        })
+        .unwrap_or_else(|| panic!("{}: no HTTP connection manager on {port}", proxy.name()))
+        ["typed_config"]
+        .clone()
+}
+
+/// Every virtual host of the proxy's route configurations: (route configuration, virtual host).
+fn virtual_hosts(mesh: &Mesh, proxy: Proxy) -> Vec<(String, Value)> {
+    let dump = mesh.config_dump(proxy, "?resource=dynamic_route_configs");
+    dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["route_config"])
+        .flat_map(|rc| {
+            let name = rc["name"].as_str().unwrap_or_default().to_string();
+            rc["virtual_hosts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |vh| (name.clone(), vh))
+        })
+        .collect()
+}
+
+/// The budgets' descriptors on a virtual host: the `llm_limit` values of its rate limit
+/// entries.
+fn budget_entries(vhost: &Value) -> Vec<String> {
+    vhost["typed_per_filter_config"]["envoy.filters.http.ratelimit"]["rate_limits"]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .flat_map(|e| e["actions"].as_array().cloned().unwrap_or_default())
+                .filter_map(|a| {
+                    a["generic_key"]["descriptor_value"]
+                        .as_str()
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The budgets' pieces where istiod put them on `proxy`: the rate limit filter just before the
+/// router and after the llm-filter, talking to the service's cluster (HTTP/2); the
+/// OpenAI-shaped local replies; and the entries of `limit` on exactly the virtual host
+/// `vhost` of route configuration `route_config` (None: any), which serves `domain`.
+fn assert_budget_pieces(
+    mesh: &Mesh,
+    proxy: Proxy,
+    port: u16,
+    route_config: Option<&str>,
+    vhost: &str,
+    domain: &str,
+    limit: &str,
+) {
+    let name = proxy.name();
+    let filters = http_filters(mesh, proxy, port);
+    let names: Vec<&str> = filters.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names[names.len() - 2..],
+        ["envoy.filters.http.ratelimit", "envoy.filters.http.router"],
+        "{name}: {names:?}"
+    );
+    let llm = filters
+        .iter()
+        .position(|(n, ecds)| *ecds && n.contains("llm-filter"))
+        .unwrap_or_else(|| panic!("{name}: no llm-filter: {names:?}"));
+    assert!(llm < names.len() - 2, "{name}: {names:?}");
+    let hcm = hcm(mesh, proxy, port);
+    let ratelimit = hcm["http_filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.http.ratelimit")
+        .unwrap();
+    assert_eq!(
+        ratelimit["typed_config"]["rate_limit_service"]["grpc_service"]["envoy_grpc"]
+            ["cluster_name"],
+        RATELIMIT_CLUSTER,
+        "{name}: {ratelimit:#}"
+    );
+    let replies = hcm["local_reply_config"].to_string();
+    assert!(
+        replies.contains("rate_limit_exceeded") && replies.contains("retry-after"),
+        "{name}: {replies}"
+    );
+
+    let clusters = mesh.config_dump(proxy, "?resource=dynamic_active_clusters");
+    let cluster = clusters["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["cluster"])
+        .find(|c| c["name"] == RATELIMIT_CLUSTER)
+        .unwrap_or_else(|| panic!("{name}: no cluster {RATELIMIT_CLUSTER}"));
+    assert!(
+        cluster.to_string().contains("http2_protocol_options"),
+        "{name}: the service's cluster is not HTTP/2: {cluster:#}"
+    );
+
+    let vhosts = virtual_hosts(mesh, proxy);
+    let with_entries: Vec<(&str, &str)> = vhosts
+        .iter()
+        .filter(|(_, vh)| budget_entries(vh).iter().any(|e| e == limit))
+        .map(|(rc, vh)| (rc.as_str(), vh["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(with_entries.len(), 1, "{name}: {with_entries:?}");
+    let (rc, vh) = with_entries[0];
+    assert_eq!(vh, vhost, "{name}: the entries are on {rc}/{vh}");
+    if let Some(want) = route_config {
+        assert_eq!(rc, want, "{name}");
+    }
+    let served = vhosts
+        .iter()
+        .find(|(r, v)| r == rc && v["name"] == vh)
+        .map(|(_, v)| v["domains"].to_string())
+        .unwrap();
+    assert!(
+        served.contains(&format!("\"{domain}\"")),
+        "{name}: {vh} serves {served}"
+    );
+}
+
+fn budget_chat(host: &str, user: Option<&str>) -> Req {
+    let req = Req::chat(host, SEED_BODY);
+    match user {
+        Some(user) => req.header("x-user-id", user),
+        None => req,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_is_spent_through_the_sidecar_and_the_gateway_from_one_service() {
+    use support::ratelimit::{assert_refused, reported_tokens, service_config, RateLimitService};
+    let limit = 120;
+    let manifests = shared_budget_manifests(limit);
+    let service = RateLimitService::up("istio-shared", &service_config("istio-shared", &manifests));
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    let mesh = Mesh::builder("budgets")
+        .manifests(&manifests)
+        .shipped_istio("ingress-gw.yaml")
+        .provider(DASHSCOPE, mock.addr())
+        .ratelimit(service.grpc)
+        .up();
+
+    // Where istiod put the EnvoyFilter's patches: on the sidecar the provider's virtual host of
+    // route configuration 80; on the gateway the one virtual host istiod collapses the route's
+    // VirtualService into, named after its longest host (no `dashscope.aliyuncs.com:80` there).
+    let limit_id = "default/assistants/chat/per-user";
+    assert_budget_pieces(
+        &mesh,
+        Proxy::Sidecar,
+        80,
+        Some("80"),
+        "dashscope.aliyuncs.com:80",
+        DASHSCOPE,
+        limit_id,
+    );
+    assert_budget_pieces(
+        &mesh,
+        Proxy::Gateway,
+        mesh.gateway.port(),
+        None,
+        &format!("{BUDGET_HOST}:80"),
+        DASHSCOPE,
+        limit_id,
+    );
+    assert!(
+        !virtual_hosts(&mesh, Proxy::Gateway)
+            .iter()
+            .any(|(_, vh)| vh["name"] == "dashscope.aliyuncs.com:80"),
+        "istiod no longer collapses the gateway's virtual hosts"
+    );
+
+    // Alice spends her budget through both proxies in turn: Redis counts exactly the tokens
+    // the provider reported, answer by answer.
+    let proxies = [mesh.sidecar, mesh.gateway];
+    let mut spent = 0;
+    let mut last = 0;
+    for i in 0.. {
+        assert!(i < 50, "the budget never ran out");
+        let resp = send(proxies[i % 2], &budget_chat(BUDGET_HOST, Some("alice"))).await;
+        if resp.status == 429 {
+            break;
+        }
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert!(resp.header("x-ratelimit-remaining").is_some());
+        last = reported_tokens(&resp);
+        spent += last;
+        let counted = service.wait_for_count("x-user-id_alice_", spent);
+        assert_eq!(
+            counted, spent,
+            "Redis holds {counted}, the answers reported {spent}"
+        );
+    }
+    assert!(
+        spent > u64::from(limit) && spent - last <= u64::from(limit),
+        "{spent} {last}"
+    );
+    let seen = mock.requests();
+    for r in &seen {
+        assert_call(r, DASHSCOPE, DASHSCOPE_PATH, "qwen-turbo", KEY_A);
+    }
+
+    // The next request is refused on both, OpenAI-shaped, and reaches no provider.
+    for addr in proxies {
+        let refused = send(addr, &budget_chat(BUDGET_HOST, Some("alice"))).await;
+        assert_refused(&refused, limit);
+    }
+    let refused = send_h2(mesh.gateway, &budget_chat(BUDGET_HOST, Some("alice"))).await;
+    assert_refused(&refused, limit);
+    assert_eq!(
+        mock.requests().len(),
+        seen.len(),
+        "a refused request reached the provider"
+    );
+    assert_eq!(
+        service.count("x-user-id_alice_"),
+        spent,
+        "refusals debit nothing"
+    );
+
+    // Bob has a budget of his own, on both proxies.
+    let mut bobs = 0;
+    for addr in proxies {
+        let resp = send(addr, &budget_chat(BUDGET_HOST, Some("bob"))).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        bobs += reported_tokens(&resp);
+        assert_eq!(service.wait_for_count("x-user-id_bob_", bobs), bobs);
+    }
+    assert_eq!(mock.requests().len(), seen.len() + 2);
+    mesh.assert_no_wasm_failures();
+}
+
+/// The shipped budgets (`envoy/manifests/budgets.yaml`: test.com, 200 tokens an hour per
+/// `x-user-id`) and one more route on the same gateway that requires no token, with a request
+/// budget per `x-user-id`.
+fn jwt_budget_manifests() -> String {
+    let shipped = std::fs::read_to_string(repo().join("envoy/manifests/budgets.yaml")).unwrap();
+    format!(
+        "{shipped}---
+apiVersion: istio.alibabacloud.com/v1beta1
+kind: LLMRoute
+metadata: {{name: open-route}}
+spec:
+  host: open.example.com
+  gateways: [istio-system/ingress-gw]
+  rules:
+  - name: open
+    limits:
+    - {{name: per-user, requests: 100, per: hour, key: {{header: x-user-id}}}}
+    backendRefs:
+    - providerHost: dashscope.aliyuncs.com
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_follows_the_tokens_subject_through_istiod_and_a_forged_user_id_is_dropped() {
+    use support::ratelimit::{assert_refused, reported_tokens, service_config, RateLimitService};
+    let manifests = jwt_budget_manifests();
+    let service = RateLimitService::up("istio-jwt", &service_config("istio-jwt", &manifests));
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    let mesh = Mesh::builder("budgets-jwt")
+        .manifests(&manifests)
+        .shipped_istio("ingress-gw.yaml")
+        .shipped_istio("jwt-user-id.yaml")
+        .provider(DASHSCOPE, mock.addr())
+        .ratelimit(service.grpc)
+        .up();
+    let tokens = "default/dashscope-route/ingress-route/per-user";
+    let requests = "default/open-route/open/per-user";
+    let bearer = |sub: &str| format!("Bearer {}", jwt::sign(&jwt::claims(sub)));
+    let chat = |host: &str, sub: Option<&str>, forged: Option<&str>| {
+        let mut req = budget_chat(host, forged);
+        if let Some(sub) = sub {
+            req = req.header("authorization", &bearer(sub));
+        }
+        req
+    };
+
+    // istiod's jwt_authn: outputClaimToHeaders became claim_to_headers, before the filter.
+    let filters = http_filters(&mesh, Proxy::Gateway, mesh.gateway.port());
+    let names: Vec<&str> = filters.iter().map(|(n, _)| n.as_str()).collect();
+    let jwt_at = names
+        .iter()
+        .position(|n| *n == "envoy.filters.http.jwt_authn")
+        .unwrap_or_else(|| panic!("{names:?}"));
+    let llm_at = filters
+        .iter()
+        .position(|(n, ecds)| *ecds && n.contains("llm-filter"))
+        .unwrap_or_else(|| panic!("{names:?}"));
+    assert!(jwt_at < llm_at, "{names:?}");
+    let jwt_filter =
+        hcm(&mesh, Proxy::Gateway, mesh.gateway.port())["http_filters"][jwt_at].clone();
+    let claim_to_headers: Vec<&Value> = jwt_filter["typed_config"]["providers"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|p| &p["claim_to_headers"])
+        .collect();
+    assert_eq!(
+        claim_to_headers,
+        [&serde_json::json!([{"header_name": "x-user-id", "claim_name": "sub"}])],
+        "{jwt_filter:#}"
+    );
+
+    // Alice's token claiming to be carol: alice's budget is spent until it is refused.
+    let mut spent = 0;
+    let refused = loop {
+        let resp = send(
+            mesh.gateway,
+            &chat("test.com", Some("alice"), Some("carol")),
+        )
+        .await;
+        if resp.status != 200 {
+            break resp;
+        }
+        spent += reported_tokens(&resp);
+        let counted = service.wait_for_count(&format!("{tokens}_x-user-id_alice_"), spent);
+        assert_eq!(counted, spent);
+        assert!(spent < 2000, "never refused");
+    };
+    assert_refused(&refused, 200);
+    assert_eq!(service.count("x-user-id_carol_"), 0);
+    let seen = mock.requests();
+    assert!(!seen.is_empty());
+    for r in &seen {
+        assert_call(r, DASHSCOPE, DASHSCOPE_PATH, "qwen-1.8b-chat", KEY_GATEWAY);
+        assert_eq!(r.header("x-user-id").as_deref(), Some("alice"), "{r:?}");
+        assert_eq!(r.header_count("x-user-id"), 1, "{r:?}");
+    }
+
+    // Bob's token claiming to be alice: served from bob's own budget.
+    let resp = send(mesh.gateway, &chat("test.com", Some("bob"), Some("alice"))).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let bobs = reported_tokens(&resp);
+    assert_eq!(
+        service.wait_for_count(&format!("{tokens}_x-user-id_bob_"), bobs),
+        bobs
+    );
+    assert_eq!(service.count(&format!("{tokens}_x-user-id_alice_")), spent);
+
+    // No token on test.com: the AuthorizationPolicy refuses it, counted nowhere.
+    mock.clear();
+    let before = service.counters();
+    let resp = send(mesh.gateway, &chat("test.com", None, Some("bob"))).await;
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    assert!(mock.requests().is_empty());
+
+    // A host that requires no token: a client's x-user-id is removed all the same (jwt_authn
+    // clears its claim headers on every request its rule covers), so the request spends the
+    // budget shared by requests without the header, never alice's.
+    let resp = send(mesh.gateway, &chat("open.example.com", None, Some("alice"))).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let resp = send_h2(mesh.gateway, &chat("open.example.com", None, Some("alice"))).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2);
+    for r in &seen {
+        assert_eq!(r.header("x-user-id"), None, "{r:?}");
+    }
+    let after = service.counters();
+    let changed: Vec<&(String, u64)> = after.iter().filter(|c| !before.contains(c)).collect();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert!(
+        changed[0].0.contains(requests) && !changed[0].0.contains("x-user-id"),
+        "{changed:?}"
+    );
+    assert_eq!(changed[0].1, 2, "{changed:?}");
+    // With a token there, the subject is the key, whatever the client claims.
+    let resp = send(
+        mesh.gateway,
+        &chat("open.example.com", Some("dave"), Some("alice")),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        service.wait_for_count(&format!("{requests}_x-user-id_dave_"), 1),
+        1
+    );
+    assert_eq!(service.count(&format!("{requests}_x-user-id_alice_")), 0);
+    // A valid token without `sub`: nothing to copy, and the client's x-user-id is gone too.
+    let mut claims = jwt::claims("nobody");
+    claims.as_object_mut().unwrap().remove("sub");
+    let keyless = |counters: &[(String, u64)]| -> u64 {
+        counters
+            .iter()
+            .filter(|(k, _)| k.contains(requests) && !k.contains("x-user-id"))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let shared = keyless(&service.counters());
+    mock.clear();
+    let req = budget_chat("open.example.com", Some("alice"))
+        .header("authorization", &format!("Bearer {}", jwt::sign(&claims)));
+    let resp = send(mesh.gateway, &req).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(mock.requests()[0].header("x-user-id"), None);
+    assert_eq!(keyless(&service.counters()), shared + 1);
+    assert_eq!(service.count(&format!("{requests}_x-user-id_alice_")), 0);
+
+    // A CORS preflight skips jwt_authn (istiod sets bypass_cors_preflight): the filter answers
+    // it 405 on an LLM host, so its x-user-id spends nothing and nothing reaches a provider.
+    mock.clear();
+    let before = service.counters();
+    let mut preflight = Req::chat("open.example.com", "")
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "POST")
+        .header("x-user-id", "alice");
+    preflight.method = "OPTIONS".into();
+    let resp = send(mesh.gateway, &preflight).await;
+    assert_eq!(resp.status, 405, "{}", resp.text());
+    assert!(mock.requests().is_empty());
+    assert_eq!(service.counters(), before);
+    mesh.assert_no_wasm_failures();
+}

@@ -76,6 +76,7 @@ pub struct MeshBuilder {
     manifests: Vec<String>,
     istio: Vec<String>,
     providers: Vec<(String, SocketAddr)>,
+    ratelimit: Option<SocketAddr>,
 }
 
 impl Mesh {
@@ -86,6 +87,7 @@ impl Mesh {
             manifests: Vec::new(),
             istio: Vec::new(),
             providers: Vec::new(),
+            ratelimit: None,
         }
     }
 
@@ -231,6 +233,13 @@ impl MeshBuilder {
         self
     }
 
+    /// Envoy's rate limit service at `addr` (`--ratelimit`): the manifests are rendered with
+    /// `render istio --ratelimit`, the service is a ServiceEntry of the mesh.
+    pub fn ratelimit(mut self, addr: SocketAddr) -> MeshBuilder {
+        self.ratelimit = Some(addr);
+        self
+    }
+
     /// `scripts/mesh.sh up`; panics with its output if it fails.
     pub fn up(self) -> Mesh {
         self.try_up()
@@ -269,6 +278,9 @@ impl MeshBuilder {
             args.extend(["--provider".into(), format!("{host}={addr}")]);
         }
         args.extend(["--provider-ca".into(), ca.display().to_string()]);
+        if let Some(addr) = self.ratelimit {
+            args.extend(["--ratelimit".into(), addr.to_string()]);
+        }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = mesh_sh(&refs);
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();

@@ -1,6 +1,7 @@
 //! Envoy's real rate limit service on real Redis, started by `scripts/ratelimit.sh up` in a
 //! directory of the test's own (free ports, its own Redis data), stopped on drop. The counters
-//! are read from Redis with `redis-cli`.
+//! are read from Redis with `redis-cli`. Also what the budgets tests share: the service's
+//! configuration from `render ratelimit`, the tokens an answer reported, the 429 of a refusal.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::client::Resp;
 use super::envoy::temp_dir;
 use super::repo;
 
@@ -219,4 +221,71 @@ impl Drop for RateLimitService {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// `llm-filter render ratelimit` of `manifests`.
+pub fn service_config(label: &str, manifests: &str) -> String {
+    let dir = temp_dir(label);
+    let file = dir.join("llm.yaml");
+    std::fs::write(&file, manifests).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_llm-filter"))
+        .args(["render", "ratelimit"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The tokens an answer reported (`usage.total_tokens` of the JSON, or of the last SSE event
+/// that has one).
+pub fn reported_tokens(resp: &Resp) -> u64 {
+    if resp
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/event-stream"))
+    {
+        return resp
+            .sse_events()
+            .iter()
+            .rev()
+            .filter_map(|(_, data)| serde_json::from_str::<serde_json::Value>(data).ok())
+            .find_map(|j| j["usage"]["total_tokens"].as_u64())
+            .expect("a usage event");
+    }
+    resp.json()["usage"]["total_tokens"]
+        .as_u64()
+        .expect("usage.total_tokens")
+}
+
+/// The rate limit filter's refusal: 429, OpenAI-shaped, `retry-after` and the x-ratelimit
+/// headers.
+pub fn assert_refused(resp: &Resp, limit: u32) {
+    assert_eq!(resp.status, 429, "{}", resp.text());
+    assert!(
+        resp.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "{:?}",
+        resp.headers
+    );
+    let j = resp.json();
+    assert_eq!(j["error"]["code"], "rate_limit_exceeded", "{j}");
+    assert_eq!(j["error"]["type"], "rate_limit_error", "{j}");
+    assert!(j["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+    let retry: u64 = resp
+        .header("retry-after")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric retry-after: {:?}", resp.headers));
+    assert!((1..=86_400).contains(&retry), "retry-after {retry}");
+    assert_eq!(resp.header("x-ratelimit-remaining").as_deref(), Some("0"));
+    let limit_header = resp.header("x-ratelimit-limit").unwrap_or_default();
+    assert!(
+        limit_header.starts_with(&format!("{limit}, {limit};w=")),
+        "x-ratelimit-limit: {limit_header}"
+    );
 }

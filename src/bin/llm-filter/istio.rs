@@ -520,9 +520,6 @@ fn fallback_envoy_filter(
     envoy_filter(name, selection, comments, patches)
 }
 
-/// The `routeConfiguration` match of Istio's virtual host `<authority>:80` in `context`: a
-/// sidecar names its route configuration by port; a gateway's carries the server's port in the
-/// virtual host name already.
 /// The virtual hosts a limited rule's requests with `authority` reach: on sidecars
 /// `<authority>:80`; on gateways every name istiod may give the virtual host serving it for the
 /// routes that send requests there ([`gateway_vhost_names`]).
@@ -549,6 +546,9 @@ fn budget_vhosts(config: &FilterConfig, context: &str, authority: &str) -> Vec<V
         .collect()
 }
 
+/// The `routeConfiguration` match of Istio's virtual host `<authority>:80` in `context`: a
+/// sidecar names its route configuration by port; a gateway's carries the server's port in the
+/// virtual host name already.
 fn provider_vhost(context: &str, authority: &str) -> Value {
     let vhost = json!({ "name": format!("{authority}:{PROVIDER_PORT}") });
     if context == "GATEWAY" {
@@ -811,7 +811,7 @@ const RATELIMIT_PRIORITY: i64 = 10;
 /// just before the router (after the llm-filter, from a WasmPlugin or an EnvoyFilter),
 /// talking to the service's mesh cluster `outbound|<port>||<host>`; the OpenAI-shaped local
 /// replies in the HTTP connection manager; and per `:authority` a limited rule sends requests
-/// with, the rate limit entries on Istio's virtual host `<authority>:80`.
+/// with, the rate limit entries on the virtual hosts that serve it ([`budget_vhosts`]).
 fn ratelimit_envoy_filter(
     config: &FilterConfig,
     budgets: &[RuleBudgets],
@@ -894,9 +894,11 @@ fn ratelimit_envoy_filter(
         format!(
             "NETWORK_FILTER MERGE: the rate limit filter's refusals (429, with retry-after) and \
              failures (503) as OpenAI-shaped errors. VIRTUAL_HOST MERGE: the rate limit entries \
-             on each virtual host <authority>:{PROVIDER_PORT} a limited rule's requests reach \
-             (sidecars: route configuration {PROVIDER_PORT}; gateways: a Gateway server on port \
-             {PROVIDER_PORT})."
+             on each virtual host that serves an <authority> a limited rule's requests reach \
+             (sidecars: <authority>:{PROVIDER_PORT} of route configuration {PROVIDER_PORT}; \
+             gateways: a Gateway server on port {PROVIDER_PORT}, where istiod names the virtual \
+             host of the route's VirtualService after its longest host, so both names are \
+             matched)."
         ),
     ];
     let mut document = envoy_filter(name, selection, comments, patches);
