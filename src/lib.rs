@@ -20,3 +20,6 @@ pub mod usage;
 
 #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 mod filter;
+
+#[cfg(all(feature = "native", not(target_arch = "wasm32")))]
+pub mod native;

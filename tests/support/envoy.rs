@@ -62,6 +62,9 @@ fn spawn(config_yaml: &str, dir: &Path) -> Child {
 }
 
 fn spawn_with(config_yaml: &str, dir: &Path, launch: Launch<'_>) -> Child {
+    // LLM_FILTER_BUILD=native: the same config with the dynamic module instead of the wasm.
+    let config_yaml = &super::native::for_build(config_yaml);
+    let env = super::native::envoy_env(config_yaml, launch.env);
     let cfg = dir.join("envoy.yaml");
     std::fs::write(&cfg, config_yaml).expect("write envoy.yaml");
     let log = std::fs::File::create(dir.join("envoy.log")).expect("create envoy.log");
@@ -72,7 +75,7 @@ fn spawn_with(config_yaml: &str, dir: &Path, launch: Launch<'_>) -> Child {
         .args(["--concurrency", "1", "--use-dynamic-base-id"])
         .args(["--log-level", launch.log_level])
         .args(["--file-flush-interval-msec", "100"])
-        .envs(launch.env.iter().copied())
+        .envs(env)
         .arg("--admin-address-path")
         .arg(dir.join("admin-address"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -213,8 +216,18 @@ impl Drop for Envoy {
 /// Runs Envoy on a config expected to be refused; returns its exit status and log.
 /// Fails the test if Envoy is still running after `timeout`.
 pub fn run_to_exit(config_yaml: &str, label: &str, timeout: Duration) -> (ExitStatus, String) {
+    run_to_exit_with(config_yaml, label, timeout, Launch::default())
+}
+
+/// [`run_to_exit`] with extra environment variables or another log level.
+pub fn run_to_exit_with(
+    config_yaml: &str,
+    label: &str,
+    timeout: Duration,
+    launch: Launch<'_>,
+) -> (ExitStatus, String) {
     let dir = temp_dir(label);
-    let mut child = spawn(config_yaml, &dir);
+    let mut child = spawn_with(config_yaml, &dir, launch);
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(status)) = child.try_wait() {

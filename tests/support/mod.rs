@@ -15,6 +15,7 @@ pub mod host_forms;
 pub mod jwt;
 pub mod mesh;
 pub mod mock;
+pub mod native;
 pub mod patch;
 pub mod ratelimit;
 pub mod raw;
