@@ -12,6 +12,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::{debug, error, info, warn};
@@ -94,7 +95,7 @@ struct Metrics {
 }
 
 struct CallSeries {
-    _call: Rc<ProviderCall>,
+    _call: Arc<ProviderCall>,
     by_model: HashMap<String, Rc<SeriesSet>>,
 }
 
@@ -112,12 +113,12 @@ struct SeriesSet {
 }
 
 impl Metrics {
-    fn set_for(&self, call: &Rc<ProviderCall>, model: &str) -> Rc<SeriesSet> {
+    fn set_for(&self, call: &Arc<ProviderCall>, model: &str) -> Rc<SeriesSet> {
         let mut by_call = self.by_call.borrow_mut();
         let entry = by_call
-            .entry(Rc::as_ptr(call) as usize)
+            .entry(Arc::as_ptr(call) as usize)
             .or_insert_with(|| CallSeries {
-                _call: Rc::clone(call),
+                _call: Arc::clone(call),
                 by_model: HashMap::new(),
             });
         if let Some(set) = entry.by_model.get(model) {
@@ -381,7 +382,7 @@ enum Pending {
     /// given back to Envoy (`settings.forwardAfterBody`); `None` when they already went on at
     /// header time.
     Routed {
-        call: Rc<ProviderCall>,
+        call: Arc<ProviderCall>,
         held: Option<HeldHeaders>,
     },
     /// A rule matches on the body's model: routed once the body is read. The headers wait.
@@ -503,14 +504,14 @@ fn record_attempts(policy: &Policy, upstream: &mut Upstream, key: &[u8], headers
         attempts.push(&call.provider);
         set_filter_state(PROVIDER_STATE, call.provider.as_bytes());
         set_filter_state("llm.attempts", attempts.join(",").as_bytes());
-        if !Rc::ptr_eq(call, &upstream.call) {
+        if !Arc::ptr_eq(call, &upstream.call) {
             // Another provider answered: its configured model is the one it was sent (a
             // mapped or client-chosen model is not known here; the first one's is kept).
             if let Some(model) = call.model() {
                 set_filter_state("llm.model", model.as_bytes());
                 upstream.model = model;
             }
-            upstream.call = Rc::clone(call);
+            upstream.call = Arc::clone(call);
             upstream.series = None;
         }
     }
@@ -540,7 +541,7 @@ struct AttemptHttp {
 /// A later attempt: its provider's call and host, and the client's model if the downstream
 /// part replaced it (`llm.fallback`'s second line; `None`: see `llm.client_model`).
 struct Attempt {
-    call: Rc<ProviderCall>,
+    call: Arc<ProviderCall>,
     host: Vec<u8>,
     client_model: Option<Vec<u8>>,
 }
@@ -593,7 +594,7 @@ impl AttemptHttp {
                 )
             })?;
         Ok(Some(Attempt {
-            call: Rc::clone(call),
+            call: Arc::clone(call),
             host,
             client_model,
         }))
@@ -732,7 +733,7 @@ fn client_model_restored(body: &[u8], carried: Option<&[u8]>) -> Option<Vec<u8>>
 
 /// A request on its way to a provider, and what its answer has shown so far.
 struct Upstream {
-    call: Rc<ProviderCall>,
+    call: Arc<ProviderCall>,
     /// The model sent upstream, or `unknown`.
     model: String,
     sent_at: Option<SystemTime>,
@@ -812,19 +813,19 @@ struct LlmHttp {
 /// filter reads when the stream is done) still have to be written. Written exactly once per
 /// request, 0 when the answer reported no usage or never came.
 struct Budget {
-    call: Rc<ProviderCall>,
+    call: Arc<ProviderCall>,
     debit_pending: bool,
 }
 
 /// Puts the request into the budgets of `call`'s rule: one filter state value per limit, the
 /// key header's value (see `crate::limits`). `None` when the rule has no limits.
-fn mark_budget(call: &Rc<ProviderCall>, headers: &Headers) -> Option<Budget> {
+fn mark_budget(call: &Arc<ProviderCall>, headers: &Headers) -> Option<Budget> {
     let limits = call.limits.as_ref()?;
     for (key, value) in limits.marks(headers) {
         set_filter_state(key, &value);
     }
     Some(Budget {
-        call: Rc::clone(call),
+        call: Arc::clone(call),
         debit_pending: limits.counts_tokens,
     })
 }

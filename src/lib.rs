@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod config;
 pub mod error;
 pub mod hold;
+pub mod host;
 pub mod limits;
 pub mod matcher;
 pub mod metadata;
