@@ -29,7 +29,7 @@ fn main() {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod host {
     use std::hint::black_box;
-    use std::rc::Rc;
+    use std::sync::Arc;
     use std::time::Duration;
 
     use criterion::{BenchmarkId, Criterion, Throughput};
@@ -102,7 +102,7 @@ mod host {
         headers
     }
 
-    fn forward(policy: &Policy, headers: &[(String, Vec<u8>)]) -> Rc<ProviderCall> {
+    fn forward(policy: &Policy, headers: &[(String, Vec<u8>)]) -> Arc<ProviderCall> {
         match policy.decide(headers, &mut SplitMix64::new(1)) {
             Decision::Forward(call) => call,
             other => panic!("expected a provider call, got {other:?}"),
