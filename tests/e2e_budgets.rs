@@ -186,7 +186,8 @@ fn assert_refused(resp: &Resp, limit: u32) {
 fn rate_limited_series(envoy: &Envoy, rule: &str) -> u64 {
     let (_, text) = admin_get(envoy.admin, "/stats/prometheus").unwrap();
     let want = format!(
-        "llm_rate_limited_total{{provider=\"dashscope-qwen\",model=\"qwen-turbo\",rule=\"{rule}\"}}"
+        "{}{{provider=\"dashscope-qwen\",model=\"qwen-turbo\",rule=\"{rule}\"}}",
+        support::native::prometheus_name("llm_rate_limited_total")
     );
     text.lines()
         .find_map(|l| l.strip_prefix(&want))

@@ -78,6 +78,7 @@ pub enum HeaderMap {
 /// `envoy_dynamic_module_type_http_body_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Body {
+    ReceivedRequest = 0,
     BufferedRequest = 1,
     ReceivedResponse = 2,
 }
@@ -107,10 +108,8 @@ pub enum Attribute {
     RequestTotalSize = 14,
     /// `response.code_details`
     ResponseCodeDetails = 16,
-    /// `source.address`
-    SourceAddress = 24,
     /// `upstream.request_attempt_count`
-    UpstreamRequestAttemptCount = 49,
+    UpstreamRequestAttemptCount = 53,
 }
 
 /// `envoy_dynamic_module_type_metrics_result_Success`.
@@ -234,7 +233,11 @@ extern "C" {
         result: *mut u64,
     ) -> bool;
 
-    fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: EnvoyPtr);
+    fn envoy_dynamic_module_callback_http_received_buffered_request_body(filter: EnvoyPtr) -> bool;
+
+    fn envoy_dynamic_module_callback_http_filter_scheduler_new(filter: EnvoyPtr) -> EnvoyPtr;
+    fn envoy_dynamic_module_callback_http_filter_scheduler_commit(scheduler: EnvoyPtr, event: u64);
+    fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: EnvoyPtr);
     fn envoy_dynamic_module_callback_http_clear_route_cache(filter: EnvoyPtr);
 
     fn envoy_dynamic_module_callback_http_filter_config_define_counter(
@@ -499,17 +502,30 @@ impl<'a> Filter<'a> {
         unsafe { envoy_dynamic_module_callback_http_get_body_size(self.ptr, body as CEnum) }
     }
 
-    /// Replaces a whole body: drains it, then appends `data`.
-    pub fn replace_body(&mut self, body: Body, data: &[u8]) -> bool {
-        // SAFETY: worker thread, inside a hook; draining more than the body's size drains it
-        // all; `data` is copied by Envoy during the call.
+    /// Whether the request body chunk of this hook is the body another filter buffered
+    /// (delivered again when that filter resumed).
+    pub fn received_is_buffered(&self) -> bool {
+        // SAFETY: worker thread, inside a hook; a plain query.
+        unsafe { envoy_dynamic_module_callback_http_received_buffered_request_body(self.ptr) }
+    }
+
+    /// Empties a body (draining more than its size drains it all).
+    pub fn drain_body(&mut self, body: Body) -> bool {
+        // SAFETY: worker thread, inside a hook; `&mut self` ends every borrow of its chunks.
         unsafe {
             envoy_dynamic_module_callback_http_drain_body(self.ptr, body as CEnum, usize::MAX)
-                && envoy_dynamic_module_callback_http_append_body(
-                    self.ptr,
-                    body as CEnum,
-                    ModuleBuffer::of(data),
-                )
+        }
+    }
+
+    /// Appends `data` to a body (Envoy copies it during the call).
+    pub fn append_body(&mut self, body: Body, data: &[u8]) -> bool {
+        // SAFETY: worker thread, inside a hook; `data` is read during the call only.
+        unsafe {
+            envoy_dynamic_module_callback_http_append_body(
+                self.ptr,
+                body as CEnum,
+                ModuleBuffer::of(data),
+            )
         }
     }
 
@@ -588,10 +604,13 @@ impl<'a> Filter<'a> {
         }
     }
 
-    /// Resumes a request whose headers or body the filter stopped.
-    pub fn continue_decoding(&mut self) {
-        // SAFETY: worker thread, inside a hook of this stream.
-        unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(self.ptr) }
+    /// A scheduler for this stream: lets another thread run `Module::scheduled` on the stream's
+    /// worker thread.
+    pub fn scheduler(&mut self) -> Option<Scheduler> {
+        // SAFETY: worker thread, inside a hook of this stream; Envoy allocates the scheduler and
+        // the module owns it until `scheduler_delete` (`Scheduler::drop`).
+        let ptr = unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(self.ptr) };
+        (!ptr.is_null()).then_some(Scheduler { ptr })
     }
 
     /// Makes Envoy pick the route again (after the headers or the filter state it matches on
@@ -632,6 +651,31 @@ impl<'a> Filter<'a> {
     }
 }
 
+/// A stream's scheduler (`envoy_dynamic_module_type_http_filter_scheduler_module_ptr`).
+pub struct Scheduler {
+    ptr: EnvoyPtr,
+}
+
+// SAFETY: the ABI says `scheduler_commit` is safe from any thread (a no-op once the filter is
+// destroyed); `scheduler_delete` runs in `Drop`, and the module's owner of a `Scheduler` keeps it
+// behind a lock so no commit can race the delete.
+unsafe impl Send for Scheduler {}
+
+impl Scheduler {
+    /// Asks Envoy to call `Module::scheduled` with `event` on the stream's worker thread.
+    pub fn commit(&self, event: u64) {
+        // SAFETY: a live scheduler (deleted only in Drop); callable from any thread.
+        unsafe { envoy_dynamic_module_callback_http_filter_scheduler_commit(self.ptr, event) }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from `scheduler_new` and is deleted exactly once, here.
+        unsafe { envoy_dynamic_module_callback_http_filter_scheduler_delete(self.ptr) }
+    }
+}
+
 /// What the module implements: `super` provides one value of this type, and the exported hooks
 /// below turn Envoy's calls into calls on it, each inside `catch_unwind`.
 pub trait Module {
@@ -648,6 +692,8 @@ pub trait Module {
     fn response_headers(s: &mut Self::Stream, f: &mut Filter<'_>, end: bool) -> HeadersStatus;
     fn response_body(s: &mut Self::Stream, f: &mut Filter<'_>, end: bool) -> BodyStatus;
     fn stream_complete(s: &mut Self::Stream, f: &mut Filter<'_>);
+    /// An event committed through the stream's `Scheduler`.
+    fn scheduled(s: &mut Self::Stream, f: &mut Filter<'_>, event: u64);
     /// A hook panicked: answer the client (called inside its own `catch_unwind`).
     fn panicked(f: &mut Filter<'_>, hook: &str);
 }
@@ -916,8 +962,8 @@ macro_rules! hooks {
             };
         }
 
-        // Hooks Envoy requires but the filter does not use (it starts no callouts, schedules
-        // nothing and is not a terminal filter).
+        // Hooks Envoy requires but the filter does not use (it starts no callouts and is not a
+        // terminal filter).
         #[no_mangle]
         pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
             _filter_envoy: *mut c_void,
@@ -982,10 +1028,16 @@ macro_rules! hooks {
 
         #[no_mangle]
         pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-            _filter_envoy: *mut c_void,
-            _stream: *const c_void,
-            _event_id: u64,
+            filter_envoy: *mut c_void,
+            stream: *const c_void,
+            event_id: u64,
         ) {
+            // SAFETY: Envoy's per-stream hook arguments (see run_hook).
+            unsafe {
+                run_hook::<$m, _>(filter_envoy, stream, "scheduled", |s, f| {
+                    <$m as Module>::scheduled(s, f, event_id)
+                })
+            };
         }
 
         #[no_mangle]

@@ -15,8 +15,13 @@ use super::repo;
 pub const DYNAMIC_MODULE_FILTER: &str = "envoy.filters.http.dynamic_modules";
 /// The module's name: Envoy opens `lib<name>.so` in `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`.
 pub const MODULE_NAME: &str = "llm_filter";
-/// The filter name the module is given (it serves one kind of filter whatever the name).
+/// The filter name the module is given for the downstream filter.
 pub const FILTER_NAME: &str = "llm-filter";
+/// The filter name of the upstream part (the wasm build's root id).
+pub const UPSTREAM_FILTER_NAME: &str = "llm-filter-upstream";
+/// The module's metrics namespace: its families are `llm.<name>` in `/stats`, and
+/// `envoy_llm_<name>` in `/stats/prometheus` (Envoy strips no prefix but the wasm one).
+pub const METRICS_NAMESPACE: &str = "llm";
 /// Where Envoy looks for the module.
 pub const SEARCH_PATH_VAR: &str = "ENVOY_DYNAMIC_MODULES_SEARCH_PATH";
 
@@ -96,12 +101,17 @@ pub fn search_path(so: &Path) -> String {
 /// The dynamic-module HTTP filter running the module on `configuration` (the string the wasm
 /// filter takes).
 pub fn filter(configuration: &str) -> Value {
+    filter_named(FILTER_NAME, configuration)
+}
+
+/// [`filter`] under another filter name (`UPSTREAM_FILTER_NAME`: the upstream part).
+pub fn filter_named(filter_name: &str, configuration: &str) -> Value {
     let yaml = format!(
         "name: {DYNAMIC_MODULE_FILTER}\n\
          typed_config:\n  \
            '@type': type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter\n  \
-           dynamic_module_config: {{name: {MODULE_NAME}}}\n  \
-           filter_name: {FILTER_NAME}\n  \
+           dynamic_module_config: {{name: {MODULE_NAME}, metrics_namespace: {METRICS_NAMESPACE}}}\n  \
+           filter_name: {filter_name}\n  \
            filter_config:\n    \
              '@type': type.googleapis.com/google.protobuf.StringValue\n    \
              value: ''\n"
@@ -111,8 +121,9 @@ pub fn filter(configuration: &str) -> Value {
     f
 }
 
-/// The wasm filter `f`'s configuration string, if `f` is the llm-filter wasm filter.
-fn wasm_configuration(f: &Value) -> Option<String> {
+/// The wasm filter `f`'s filter name for the module (by its root id) and configuration
+/// string, if `f` is the llm-filter wasm filter.
+fn wasm_configuration(f: &Value) -> Option<(&'static str, String)> {
     if f.get("name").and_then(Value::as_str) != Some(WASM_FILTER) {
         return None;
     }
@@ -122,7 +133,11 @@ fn wasm_configuration(f: &Value) -> Option<String> {
         .and_then(|c| c.get("value"))
         .and_then(Value::as_str)
         .unwrap_or_default();
-    Some(value.to_string())
+    let name = match config.get("root_id").and_then(Value::as_str) {
+        Some(UPSTREAM_FILTER_NAME) => UPSTREAM_FILTER_NAME,
+        _ => FILTER_NAME,
+    };
+    Some((name, value.to_string()))
 }
 
 /// Replaces every llm-filter wasm filter in `v` (HTTP connection managers' `http_filters` and
@@ -134,8 +149,8 @@ pub fn swap_filters(v: &mut Value) -> usize {
             let mut n = 0;
             if let Some(Value::Sequence(list)) = m.get_mut("http_filters") {
                 for f in list.iter_mut() {
-                    if let Some(configuration) = wasm_configuration(f) {
-                        *f = filter(&configuration);
+                    if let Some((name, configuration)) = wasm_configuration(f) {
+                        *f = filter_named(name, &configuration);
                         n += 1;
                     }
                 }
@@ -178,4 +193,14 @@ pub fn envoy_env(config_yaml: &str, env: &[(&str, &str)]) -> Vec<(String, String
     }
     out.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     out
+}
+
+/// The Prometheus name of the filter's metric `name` (`llm_requests_total`, as the wasm build
+/// shows it) in this build: Envoy prefixes the dynamic module's with `envoy_`.
+pub fn prometheus_name(name: &str) -> String {
+    if native_build() {
+        format!("envoy_{name}")
+    } else {
+        name.to_string()
+    }
 }
