@@ -13,13 +13,15 @@
 //!   logger that writes to Envoy's log at Envoy's level.
 //! - Filter state: the core names its values `llm.<name>` (`llm.provider`, `llm.model`,
 //!   `llm.prompt_tokens`...; see `FILTER_STATE_NAMES`). The Envoy filter state key is the host's
-//!   prefix followed by that name: proxy-wasm's `set_property` stores `llm.x` as `wasm.llm.x`
-//!   (Envoy adds the prefix; `limits::ENVOY_STATE_PREFIX`), so access logs read `%FILTER_STATE(wasm.llm.x:PLAIN)%` and
-//!   `render envoy`'s provider routes match `wasm.llm.provider`. The native host chooses its
-//!   own prefix (`Host::FILTER_STATE_PREFIX`); whatever it is, the access-log field names of a
-//!   build are `%FILTER_STATE(<prefix>llm.<name>:PLAIN)%`, and `render envoy` must write route
-//!   matches and log formats with the same prefix. Values are plain bytes (text), readable by
-//!   later filters on the same stream (the upstream part reads `llm.fallback`).
+//!   prefix followed by that name (`Host::FILTER_STATE_PREFIX`). Both hosts use `wasm.`, so
+//!   the keys are the same whichever build runs: proxy-wasm's `set_property` stores `llm.x` as
+//!   `wasm.llm.x` (Envoy adds the prefix; `limits::ENVOY_STATE_PREFIX`), and the native host
+//!   writes `wasm.llm.x` itself. So one access-log format serves both builds,
+//!   `%FILTER_STATE(wasm.llm.<name>:PLAIN)%`, and `render envoy` (with or without `--native`)
+//!   writes the same provider route matches (`wasm.llm.provider`) and budget descriptors
+//!   (`wasm.llm.limit.*`, `wasm.llm.debit`). Values are plain bytes (text), readable by later
+//!   filters on the same stream (the upstream part reads `llm.fallback`; `Host::filter_state`
+//!   takes the core's name too).
 //! - Metrics are families defined once per configuration (`ConfigHost::define_metric`), each
 //!   with the labels `Metric::labels` names, and recorded per series (`Host::record_metric`):
 //!   a host without labels (proxy-wasm) folds them into the series' name (`metrics::series`).
@@ -48,9 +50,11 @@ impl fmt::Display for HostError {
 pub enum Flow {
     /// Pass what was delivered on to the next filter.
     Continue,
-    /// Keep it (and what follows) in Envoy until the core gives it back: headers held for the
-    /// body, a body buffered until its end, or a stream answered with a local reply
-    /// (proxy-wasm `Action::Pause`; the native `StopIteration` / `StopAndBuffer` statuses).
+    /// Keep it in Envoy until the core gives it back (proxy-wasm `Action::Pause`). From
+    /// request headers: hold them while the body keeps arriving (native `StopIteration`;
+    /// Envoy still delivers the body). From a request body: buffer it, the core reads it whole
+    /// at its end (native `StopIterationAndBuffer`). After `Host::send_local_reply`: the
+    /// stream is answered, nothing more goes on.
     Stop,
 }
 
@@ -75,7 +79,7 @@ pub const FILTER_STATE_NAMES: [&str; 12] = [
 /// attempt) for the duration of one callback; the core never keeps it.
 pub trait Host {
     /// The Envoy filter state key of the core's `llm.<name>` is this prefix followed by the
-    /// name (proxy-wasm: `wasm.`, added by Envoy itself).
+    /// name: `wasm.` for both hosts (proxy-wasm: added by Envoy itself; see the module's docs).
     const FILTER_STATE_PREFIX: &'static str;
 
     /// One request header's value (the first if it repeats); `None` if absent or unreadable.
@@ -88,7 +92,7 @@ pub trait Host {
     fn set_request_headers(&mut self, headers: &[(String, Vec<u8>)]) -> Result<(), HostError>;
 
     /// The buffered request body: its first `size` bytes (`usize::MAX`: all of it), as one
-    /// contiguous copy. Called once, when the body is complete.
+    /// contiguous copy; with the chunk just delivered. Called once, when the body is complete.
     fn request_body(&mut self, size: usize) -> Result<Vec<u8>, HostError>;
     /// Replaces the buffered request body, whose current length is `current_len`, with `body`.
     fn set_request_body(&mut self, current_len: usize, body: &[u8]) -> Result<(), HostError>;

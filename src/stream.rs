@@ -615,6 +615,7 @@ impl Stream {
         }
     }
 
+    /// `end_of_stream`: the request has no body.
     pub fn on_request_headers<H: Host>(&mut self, host: &mut H, end_of_stream: bool) -> Flow {
         // Most traffic of a sidecar is not for an LLM host: one small read decides that.
         match host.request_header(":authority") {
@@ -690,7 +691,8 @@ impl Stream {
         }
     }
 
-    /// `body_size`: the bytes buffered so far (proxy-wasm's count).
+    /// `body_size`: the body bytes received so far in all, those buffered plus this chunk
+    /// (proxy-wasm's count); `end_of_stream`: this chunk ends the body.
     pub fn on_request_body<H: Host>(
         &mut self,
         host: &mut H,

@@ -86,7 +86,8 @@ async fn the_module_loads_and_passes_other_hosts_through() {
             ..Launch::default()
         },
     );
-    envoy.assert_logged("llm-filter: configuration accepted (dynamic module)");
+    envoy.assert_logged("llm-filter: configuration accepted");
+    envoy.assert_logged("loaded as an Envoy dynamic module");
     let resp = client::send(envoy.addr, &Req::chat("other.example", SEED_BODY)).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.text(), "passed");
