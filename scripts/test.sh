@@ -113,6 +113,7 @@ header "setup"
 ensure_toolchain
 ensure_envoy
 ensure_cmd node nodejs
+ensure_cmd nm binutils # tests/native.rs checks the module's symbols against Envoy's
 ensure_oci_tools
 ensure_prometheus
 ensure_go

@@ -151,3 +151,75 @@ async fn a_panic_answers_500_and_envoy_keeps_serving() {
     }
     envoy.assert_logged("llm-filter: panic in the request headers hook");
 }
+
+/// The Envoy executable itself: `.venv/bin/envoy` is pip's Python wrapper around it.
+fn envoy_executable() -> std::path::PathBuf {
+    let wrapper = support::envoy::envoy_binary();
+    let head = std::fs::read(&wrapper).expect("read the Envoy binary");
+    if !head.starts_with(b"#!") {
+        return wrapper;
+    }
+    let venv = wrapper.parent().and_then(|bin| bin.parent()).unwrap();
+    let lib = venv.join("lib");
+    std::fs::read_dir(&lib)
+        .unwrap_or_else(|e| panic!("{}: {e}", lib.display()))
+        .filter_map(Result::ok)
+        .map(|d| d.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no envoy/_bin/envoy under {}", lib.display()))
+}
+
+/// `nm -D` of `path`: the dynamic symbols, defined or undefined.
+fn dynamic_symbols(path: &std::path::Path, which: &str) -> Vec<String> {
+    let out = std::process::Command::new("nm")
+        .args(["-D", which])
+        .arg(path)
+        .output()
+        .expect("nm (binutils) is needed to check the module's symbols");
+    assert!(
+        out.status.success(),
+        "nm {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|s| s.starts_with("envoy_dynamic_module_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// What tests/native.rs's loading shows as a whole, checked symbol by symbol: every Envoy
+/// callback the module calls is exported by this Envoy (it is linked BIND_NOW: one missing
+/// refuses the module), and every hook the module exports is a name this Envoy looks up.
+#[test]
+fn the_binding_matches_this_envoys_symbols() {
+    let envoy = envoy_executable();
+    let so = native::module();
+    let exported = dynamic_symbols(&envoy, "--defined-only");
+    let called = dynamic_symbols(so, "--undefined-only");
+    assert!(!called.is_empty(), "the module calls no Envoy callback?");
+    for symbol in &called {
+        assert!(exported.contains(symbol), "Envoy does not export {symbol}");
+    }
+    let hooks = dynamic_symbols(so, "--defined-only");
+    // The names Envoy looks up are strings in its binary (std's search, optimized even here).
+    let binary = std::fs::read(&envoy).unwrap();
+    let text = String::from_utf8_lossy(&binary);
+    for hook in &hooks {
+        assert!(text.contains(hook.as_str()), "Envoy never looks up {hook}");
+    }
+    for required in [
+        "envoy_dynamic_module_on_program_init",
+        "envoy_dynamic_module_on_http_filter_config_new",
+        "envoy_dynamic_module_on_http_filter_new",
+        "envoy_dynamic_module_on_http_filter_request_headers",
+        "envoy_dynamic_module_on_http_filter_destroy",
+    ] {
+        assert!(
+            hooks.iter().any(|h| h == required),
+            "the module lacks {required}"
+        );
+    }
+}
