@@ -14,6 +14,9 @@
 //! - `usage`: `usage::SseReader` over the recorded streams in `tests/data/responses/`, fed
 //!   whole and in 64-byte pieces (a stream arrives cut anywhere), and `report_from_json` over
 //!   the recorded JSON answers.
+//! - `request`: one whole request through the request core (`stream::Stream`) with a host that
+//!   keeps headers, body and filter state in memory: headers, body, response headers, a JSON
+//!   answer, log. What a real host adds is its own calls into Envoy.
 
 // The crate is also built for wasm32 targets (`cargo clippy --all-targets --target wasm32-…`),
 // where criterion is not a dependency: the benchmark exists on the host only.
@@ -29,7 +32,7 @@ fn main() {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod host {
     use std::hint::black_box;
-    use std::rc::Rc;
+    use std::sync::Arc;
     use std::time::Duration;
 
     use criterion::{BenchmarkId, Criterion, Throughput};
@@ -37,6 +40,10 @@ mod host {
     use llm_filter::policy::{Decision, Policy, ProviderCall};
     use llm_filter::rewrite::{rewrite_body, rewrite_headers};
     use llm_filter::usage::{report_from_json, SseReader};
+
+    use llm_filter::host::{ConfigHost, Flow, Headers, Host, HostError};
+    use llm_filter::metrics::{Metric, Series};
+    use llm_filter::stream::{Shared, Stream, Worker};
 
     const GATEWAY: &str = include_str!("../tests/data/seed000-gateway.yaml");
     const MESH: &str = include_str!("../tests/data/seed001-mesh.yaml");
@@ -73,6 +80,7 @@ mod host {
         headers(&mut c);
         body(&mut c);
         usage(&mut c);
+        request(&mut c);
         c.final_summary();
     }
 
@@ -102,7 +110,7 @@ mod host {
         headers
     }
 
-    fn forward(policy: &Policy, headers: &[(String, Vec<u8>)]) -> Rc<ProviderCall> {
+    fn forward(policy: &Policy, headers: &[(String, Vec<u8>)]) -> Arc<ProviderCall> {
         match policy.decide(headers, &mut SplitMix64::new(1)) {
             Decision::Forward(call) => call,
             other => panic!("expected a provider call, got {other:?}"),
@@ -242,5 +250,157 @@ mod host {
             });
         }
         group.finish();
+    }
+
+    /// A host in memory: what Envoy would hold for one stream.
+    struct MemoryHost {
+        request: Headers,
+        body: Vec<u8>,
+        response: Headers,
+        chunk: Vec<u8>,
+        state: Vec<(String, Vec<u8>)>,
+        recorded: u64,
+    }
+
+    struct MemoryConfig;
+
+    impl ConfigHost for MemoryConfig {
+        fn define_metric(&mut self, metric: Metric) -> Option<u32> {
+            u32::try_from(metric.index()).ok()
+        }
+    }
+
+    fn first(headers: &Headers, name: &str) -> Option<Vec<u8>> {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    impl Host for MemoryHost {
+        const FILTER_STATE_PREFIX: &'static str = "";
+
+        fn request_header(&mut self, name: &str) -> Option<Vec<u8>> {
+            first(&self.request, name)
+        }
+        fn request_headers(&mut self) -> Result<Headers, HostError> {
+            Ok(self.request.clone())
+        }
+        fn set_request_header(
+            &mut self,
+            name: &str,
+            value: Option<&[u8]>,
+        ) -> Result<(), HostError> {
+            self.request.retain(|(k, _)| k != name);
+            if let Some(value) = value {
+                self.request.push((name.to_string(), value.to_vec()));
+            }
+            Ok(())
+        }
+        fn set_request_headers(&mut self, headers: &[(String, Vec<u8>)]) -> Result<(), HostError> {
+            self.request = headers.to_vec();
+            Ok(())
+        }
+        fn request_body(&mut self, _: usize) -> Result<Vec<u8>, HostError> {
+            Ok(self.body.clone())
+        }
+        fn set_request_body(&mut self, _: usize, body: &[u8]) -> Result<(), HostError> {
+            self.body = body.to_vec();
+            Ok(())
+        }
+        fn response_header(&mut self, name: &str) -> Option<Vec<u8>> {
+            first(&self.response, name)
+        }
+        fn response_headers(&mut self) -> Result<Headers, HostError> {
+            Ok(self.response.clone())
+        }
+        fn set_response_header(&mut self, name: &str, _: Option<&[u8]>) -> Result<(), HostError> {
+            self.response.retain(|(k, _)| k != name);
+            Ok(())
+        }
+        fn read_response_body(&mut self, _: usize, sink: &mut dyn FnMut(&[u8])) {
+            sink(&self.chunk);
+        }
+        fn set_filter_state(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
+            self.state.push((name.to_string(), value.to_vec()));
+            Ok(())
+        }
+        fn filter_state(&mut self, name: &str) -> Option<Vec<u8>> {
+            first(&self.state, name)
+        }
+        fn request_total_size(&mut self) -> Option<u64> {
+            None
+        }
+        fn response_code_details(&mut self) -> Option<Vec<u8>> {
+            None
+        }
+        fn upstream_provider(&mut self) -> Option<Vec<u8>> {
+            None
+        }
+        fn attempt_count(&mut self) -> u64 {
+            1
+        }
+        fn send_local_reply(
+            &mut self,
+            _: u32,
+            _: &[(&str, &str)],
+            _: &[u8],
+        ) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn now(&mut self) -> Option<std::time::SystemTime> {
+            Some(std::time::UNIX_EPOCH)
+        }
+        fn record_metric(
+            &mut self,
+            _: Metric,
+            _: u32,
+            _: &Series,
+            _: Option<&'static str>,
+            value: u64,
+        ) {
+            self.recorded += value;
+        }
+    }
+
+    fn request(c: &mut Criterion) {
+        let shared = Arc::new(Shared::new(
+            Policy::from_text(GATEWAY).expect("seed000 compiles"),
+            false,
+            &mut MemoryConfig,
+        ));
+        let worker = Arc::new(Worker::new(3));
+        let body = chat_body(1 << 10);
+        let (_, answer) = JSON[0];
+        let request = request_headers("test.com", &[]);
+        let response: Headers = vec![
+            (":status".to_string(), b"200".to_vec()),
+            ("content-type".to_string(), b"application/json".to_vec()),
+        ];
+        let once = || {
+            let mut host = MemoryHost {
+                request: request.clone(),
+                body: body.clone(),
+                response: response.clone(),
+                chunk: answer.to_vec(),
+                state: Vec::new(),
+                recorded: 0,
+            };
+            let mut stream = Stream::new(1, Arc::clone(&shared), Arc::clone(&worker));
+            let mut flows = vec![stream.on_request_headers(&mut host, false)];
+            flows.push(stream.on_request_body(&mut host, body.len(), true));
+            flows.push(stream.on_response_headers(&mut host, false));
+            flows.push(stream.on_response_body(&mut host, answer.len(), true));
+            stream.on_log(&mut host);
+            (flows, host)
+        };
+        let (flows, host) = once();
+        // The headers may wait for the body (seed000 holds them); the rest goes on.
+        assert!(flows[1..].iter().all(|f| *f == Flow::Continue), "{flows:?}");
+        assert!(host.state.iter().any(|(k, _)| k == "llm.total_tokens"));
+        assert!(host.recorded > 0);
+        c.bench_function("request/chat-1KB-json-answer", |b| {
+            b.iter(|| black_box(once()))
+        });
     }
 }

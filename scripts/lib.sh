@@ -9,6 +9,7 @@ WORK_DIR="$REPO_ROOT/.work"
 TOOLS_DIR="$WORK_DIR/tools"
 WASM_TARGET=wasm32-wasip1
 WASM_OUT="target/$WASM_TARGET/release/llm_filter.wasm"
+NATIVE_OUT="target/release/libllm_filter.so"
 ENVOY_VERSION=1.40.0
 export PATH="$TOOLS_DIR/bin:$PATH"
 

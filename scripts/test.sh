@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every check, in the order CI runs them, stopping at the first failure:
-#   format, clippy (host, wasm32-wasip1, wasm32-unknown-unknown), host unit tests, the same
-#   unit tests inside wasm (wasm-bindgen-test-runner under Node.js), the release .wasm, the
-#   generated configs being current (render-configs.sh --check), `envoy --mode validate` on
-#   every envoy/*.yaml, and the end-to-end suite (tests/*.rs) against real Envoy.
+#   format, clippy (host, native module, wasm32-wasip1, wasm32-unknown-unknown), host unit tests,
+#   the same unit tests inside wasm (wasm-bindgen-test-runner under Node.js), the release .wasm
+#   and .so, the generated configs being current (render-configs.sh --check), `envoy --mode validate` on
+#   every envoy/*.yaml, and the end-to-end suite (tests/*.rs) against real Envoy, then its
+#   Envoy-bootstrap tests again with the native dynamic module (libllm_filter.so) in place of
+#   the wasm filter (LLM_FILTER_BUILD=native).
 # Installs what is missing first (toolchain targets, Envoy, wasm-bindgen-cli, skopeo and umoci
 # for tests/oci.rs, prometheus for tests/e2e_prometheus.rs, Go for tests/istiod (the discovery
 # server tests/e2e_istio.rs runs through scripts/mesh.sh), Redis and the rate limit service for
@@ -84,10 +86,34 @@ e2e_tests() {
     return "$rc"
 }
 
+# The dynamic module: every e2e test that starts Envoy from a bootstrap again, with
+# LLM_FILTER_BUILD=native (tests/support/native.rs swaps each wasm filter for the module, same
+# configuration). e2e_istio gets its filter from istiod, which only knows WasmPlugins.
+native_e2e_tests() {
+    local args=() f name rc=0
+    for f in tests/e2e_*.rs; do
+        name=$(basename "$f" .rs)
+        [ "$name" = e2e_istio ] && continue
+        args+=(--test "$name")
+    done
+    E2E_TIMEOUT=${E2E_TIMEOUT:-1800}
+    LLM_FILTER_BUILD=native LLM_FILTER_NATIVE="$PWD/$NATIVE_OUT" \
+        timeout -k 10 "$E2E_TIMEOUT" cargo test "${args[@]}" 2>&1 | tee -a "$RESULTS" || rc=$?
+    [ "$rc" -ne 124 ] || printf 'native end-to-end tests timed out after %ss\n' "$E2E_TIMEOUT" >&2
+    return "$rc"
+}
+
+build_native() {
+    cargo build --release --lib --features native || return 1
+    [ -f "$NATIVE_OUT" ] || { printf 'cargo built no %s\n' "$NATIVE_OUT" >&2; return 1; }
+    ok "$NATIVE_OUT: $(wc -c <"$NATIVE_OUT") bytes"
+}
+
 header "setup"
 ensure_toolchain
 ensure_envoy
 ensure_cmd node nodejs
+ensure_cmd nm binutils # tests/native.rs checks the module's symbols against Envoy's
 ensure_oci_tools
 ensure_prometheus
 ensure_go
@@ -95,12 +121,14 @@ ensure_ratelimit
 
 step "cargo fmt --check" cargo fmt --all --check
 step "clippy (host, all targets)" cargo clippy --all-targets -- -D warnings
+step "clippy (native dynamic module, lib)" cargo clippy --lib --features native-test-panic -- -D warnings
 step "clippy (wasm32-wasip1, lib)" cargo clippy --lib --target wasm32-wasip1 -- -D warnings
 step "clippy (wasm32-unknown-unknown, all targets)" \
     cargo clippy --all-targets --target wasm32-unknown-unknown -- -D warnings
 step "unit tests (host)" cargo_test --lib --bins
 step "unit tests (wasm32-unknown-unknown, Node.js)" wasm_unit_tests
 step "release build ($WASM_OUT)" build_wasm
+step "release build ($NATIVE_OUT)" build_native
 # envoy/*.yaml and istio/*.yaml are rendered from envoy/manifests: a stale one fails here.
 step "generated configs are current (render-configs.sh --check)" \
     bash scripts/render-configs.sh --check
@@ -110,6 +138,7 @@ step "envoy --mode validate envoy/*.yaml" validate_envoy_configs
 step "gofmt tests/istiod" gofmt_check
 step "discovery server (tests/istiod, go build)" build_istiod
 step "end-to-end tests (tests/*.rs, real Envoy)" e2e_tests
+step "end-to-end tests again with the dynamic module (LLM_FILTER_BUILD=native)" native_e2e_tests
 
 # Sum libtest's own `test result:` lines (host, wasm runner and e2e binaries alike).
 read -r passed failed ignored < <(awk '

@@ -20,12 +20,48 @@ impl SplitMix64 {
 
 impl RandomSource for SplitMix64 {
     fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GOLDEN_GAMMA);
+        mix(self.state)
     }
+}
+
+/// The same sequence as `SplitMix64`, drawn through a shared reference: one generator for the
+/// requests of every thread that shares it (SplitMix64's step is an addition, so an atomic
+/// add draws one value without a lock).
+#[derive(Debug, Default)]
+pub struct SharedSplitMix64 {
+    state: std::sync::atomic::AtomicU64,
+}
+
+impl SharedSplitMix64 {
+    pub fn new(seed: u64) -> SharedSplitMix64 {
+        SharedSplitMix64 {
+            state: std::sync::atomic::AtomicU64::new(seed),
+        }
+    }
+
+    /// Starts the sequence again from `seed`.
+    pub fn reseed(&self, seed: u64) {
+        self.state.store(seed, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl RandomSource for &SharedSplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        let state = self
+            .state
+            .fetch_add(GOLDEN_GAMMA, std::sync::atomic::Ordering::Relaxed)
+            .wrapping_add(GOLDEN_GAMMA);
+        mix(state)
+    }
+}
+
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Cumulative weights of a rule's backends; built once, at configure time.
@@ -72,6 +108,17 @@ mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn the_shared_generator_draws_the_same_sequence() {
+        let mut plain = SplitMix64::new(42);
+        let shared = SharedSplitMix64::new(42);
+        for _ in 0..100 {
+            assert_eq!((&shared).next_u64(), plain.next_u64());
+        }
+        shared.reseed(7);
+        assert_eq!((&shared).next_u64(), SplitMix64::new(7).next_u64());
+    }
 
     #[test]
     fn refuses_nothing_to_choose() {

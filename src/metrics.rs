@@ -22,6 +22,31 @@ pub enum Metric {
 }
 
 impl Metric {
+    /// Every metric, in the order of `Metric::index`.
+    pub const ALL: [Metric; 7] = [
+        Metric::Requests,
+        Metric::PromptTokens,
+        Metric::CompletionTokens,
+        Metric::UsageUnknown,
+        Metric::UpstreamLatency,
+        Metric::TimeToFirstToken,
+        Metric::RateLimited,
+    ];
+
+    /// Position in `Metric::ALL`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The labels of its series, in order: `provider`, `model`, `rule`, and `class` (the
+    /// response class, `2xx`...) for `Requests` only.
+    pub fn labels(self) -> &'static [&'static str] {
+        match self {
+            Metric::Requests => &["provider", "model", "rule", "class"],
+            _ => &["provider", "model", "rule"],
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Metric::Requests => "llm.requests_total",
@@ -36,6 +61,37 @@ impl Metric {
 
     pub fn is_histogram(self) -> bool {
         matches!(self, Metric::UpstreamLatency | Metric::TimeToFirstToken)
+    }
+}
+
+/// The labels of one (provider, model, rule) combination, shared by its series. `index` is
+/// dense and unique among the sets of one `stream::Worker` (0, 1, 2...), so a host can keep
+/// what it defined per set in a vector (the proxy-wasm host keeps the series' ids there).
+/// Values are raw: `series` (the name form) cleans them; a host that passes them as labels
+/// cleans them with `label_value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Series {
+    pub index: usize,
+    pub provider: String,
+    pub model: String,
+    pub rule: String,
+}
+
+/// A label value as `series` writes it into a name: at most 64 characters, without `;`, `=` or
+/// control characters.
+pub fn label_value(value: &str) -> String {
+    value
+        .chars()
+        .take(MAX_VALUE_CHARS)
+        .map(clean_char)
+        .collect()
+}
+
+fn clean_char(c: char) -> char {
+    match c {
+        ';' | '=' => '_',
+        c if c.is_control() => '_',
+        c => c,
     }
 }
 
@@ -74,11 +130,7 @@ const MAX_VALUE_CHARS: usize = 64;
 fn push_tag(name: &mut String, tag: &str, value: &str) {
     name.push_str(tag);
     name.push_str("=.=");
-    name.extend(value.chars().take(MAX_VALUE_CHARS).map(|c| match c {
-        ';' | '=' => '_',
-        c if c.is_control() => '_',
-        c => c,
-    }));
+    name.extend(value.chars().take(MAX_VALUE_CHARS).map(clean_char));
     name.push_str(";.;");
 }
 
@@ -143,6 +195,14 @@ mod tests {
         let long = "x".repeat(1000);
         let name = series(Metric::PromptTokens, "p", &long, "r", None);
         assert!(name.len() < 200, "{name}");
+    }
+
+    #[test]
+    fn every_metric_is_listed_at_its_index() {
+        for (i, metric) in Metric::ALL.iter().enumerate() {
+            assert_eq!(metric.index(), i);
+        }
+        assert_eq!(label_value("a;b=c\n"), "a_b_c_");
     }
 
     #[test]

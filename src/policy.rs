@@ -1,10 +1,10 @@
 //! The validated, precompiled form of the configuration, and the routing decision it makes for a
 //! request: which rule, which provider, and with which settings. Built once in `on_configure`
-//! and shared by every request; nothing here allocates per request except the decision's `Rc`.
+//! and shared by every request; nothing here allocates per request except the decision's `Arc`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::balancer::{RandomSource, WeightedChoice};
 use crate::config::{
@@ -41,7 +41,7 @@ pub struct ProviderCall {
     /// calls by it and knows, by the host, which attempt needs no rewrite (the first).
     pub fallback: Option<String>,
     /// The rule's `limits`: the filter state that puts each request into its budgets.
-    pub limits: Option<Rc<RuleLimits>>,
+    pub limits: Option<Arc<RuleLimits>>,
 }
 
 impl ProviderCall {
@@ -87,7 +87,7 @@ impl fmt::Debug for ProviderCall {
 struct RulePolicy {
     /// Entries are ORed; an empty list matches every request.
     matches: Vec<HeaderConditions>,
-    backends: Vec<Rc<ProviderCall>>,
+    backends: Vec<Arc<ProviderCall>>,
     choice: WeightedChoice,
     /// Some entry has a `model` condition: the rule can only be tried with the body's model.
     needs_model: bool,
@@ -118,13 +118,13 @@ impl RulePolicy {
 #[derive(Debug)]
 enum HostTarget {
     Route(Vec<RulePolicy>),
-    Provider(Rc<ProviderCall>),
+    Provider(Arc<ProviderCall>),
 }
 
 impl HostTarget {
     /// The calls a request with these headers can reach: a route's rules in order, up to the
     /// first one every such request matches.
-    fn reachable_calls(&self, headers: &[(String, Vec<u8>)]) -> Vec<&Rc<ProviderCall>> {
+    fn reachable_calls(&self, headers: &[(String, Vec<u8>)]) -> Vec<&Arc<ProviderCall>> {
         let rules = match self {
             HostTarget::Route(rules) => rules,
             HostTarget::Provider(call) => return vec![call],
@@ -145,7 +145,7 @@ impl HostTarget {
     /// `GET /v1/models` for this host, as the asking client sees it: the configured model and
     /// mapping names of each call its headers can reach (a rule for subscribers lists its
     /// models to subscribers only).
-    fn model_list(&self, headers: &[(String, Vec<u8>)]) -> Rc<str> {
+    fn model_list(&self, headers: &[(String, Vec<u8>)]) -> Arc<str> {
         let entries: Vec<(String, &str)> = self
             .reachable_calls(headers)
             .into_iter()
@@ -158,7 +158,7 @@ impl HostTarget {
                     .collect::<Vec<_>>()
             })
             .collect();
-        Rc::from(model_list_json(
+        Arc::from(model_list_json(
             entries
                 .iter()
                 .map(|(model, owner)| (model.as_str(), *owner)),
@@ -185,12 +185,12 @@ pub enum Decision {
     /// Answer the client with this error.
     Reject(RequestError),
     /// Rewrite the request for this provider.
-    Forward(Rc<ProviderCall>),
+    Forward(Arc<ProviderCall>),
     /// A rule that matches on the body's `model` must be tried: decide again with the model
     /// (`Policy::decide_with_model`) once the body is read.
     NeedsModel,
     /// `GET /v1/models`: answer with this list (OpenAI's format).
-    Models(Rc<str>),
+    Models(Arc<str>),
 }
 
 /// The calls of a rule with fallback, by provider host: its backendRefs', then its fallback
@@ -199,13 +199,13 @@ pub enum Decision {
 struct Attempts {
     /// How many of `calls` are backendRefs.
     backends: usize,
-    calls: Vec<(String, Rc<ProviderCall>)>,
+    calls: Vec<(String, Arc<ProviderCall>)>,
 }
 
 /// The compiled configuration.
 #[derive(Debug)]
 pub struct Policy {
-    hosts: HashMap<String, Rc<HostTarget>>,
+    hosts: HashMap<String, Arc<HostTarget>>,
     /// `settings.directProviderCalls`: a provider's own host is served.
     direct_provider_calls: bool,
     /// `settings.hostWithPort`: `host:port` is a served form.
@@ -251,7 +251,7 @@ impl Policy {
         }
         check_unique_names(config, &mut errors);
         let providers = index_providers(&config.providers, &mut errors);
-        let mut hosts: HashMap<String, Rc<HostTarget>> = HashMap::new();
+        let mut hosts: HashMap<String, Arc<HostTarget>> = HashMap::new();
         let mut route_owner: HashMap<String, String> = HashMap::new();
         let mut fallbacks = HashMap::new();
 
@@ -270,7 +270,7 @@ impl Policy {
                     continue;
                 }
             };
-            let target = Rc::new(HostTarget::Route(rules));
+            let target = Arc::new(HostTarget::Route(rules));
             for alias in host_aliases(&host, route.metadata.namespace()) {
                 if let Some(other) = route_owner.get(&alias) {
                     errors.push(ConfigError::new(
@@ -281,7 +281,7 @@ impl Policy {
                     break;
                 }
                 route_owner.insert(alias.clone(), resource.clone());
-                hosts.insert(alias, Rc::clone(&target));
+                hosts.insert(alias, Arc::clone(&target));
             }
         }
 
@@ -291,7 +291,7 @@ impl Policy {
             }
             if !hosts.contains_key(host) {
                 let call = provider_call(provider, "", host, None, None);
-                hosts.insert(host.clone(), Rc::new(HostTarget::Provider(call)));
+                hosts.insert(host.clone(), Arc::new(HostTarget::Provider(call)));
             }
         }
 
@@ -326,7 +326,7 @@ impl Policy {
     /// The call an attempt makes: for the request marked `key` (its `fallback_key`), to the
     /// provider whose host is `provider_host` (from the attempt's endpoint metadata). `None`
     /// when the key or the provider is not the rule's.
-    pub fn attempt_call(&self, key: &[u8], provider_host: &[u8]) -> Option<&Rc<ProviderCall>> {
+    pub fn attempt_call(&self, key: &[u8], provider_host: &[u8]) -> Option<&Arc<ProviderCall>> {
         let key = std::str::from_utf8(key).ok()?;
         let host = normalize_authority(provider_host)?;
         self.fallbacks
@@ -342,9 +342,9 @@ impl Policy {
     pub fn attempt_at<'a>(
         &'a self,
         key: &[u8],
-        first: &'a Rc<ProviderCall>,
+        first: &'a Arc<ProviderCall>,
         n: usize,
-    ) -> Option<&'a Rc<ProviderCall>> {
+    ) -> Option<&'a Arc<ProviderCall>> {
         if n <= 1 {
             return (n == 1).then_some(first);
         }
@@ -473,7 +473,7 @@ impl Policy {
             _ => return Decision::Reject(RequestError::MethodNotAllowed),
         }
         let rules = match target {
-            HostTarget::Provider(call) => return Decision::Forward(Rc::clone(call)),
+            HostTarget::Provider(call) => return Decision::Forward(Arc::clone(call)),
             HostTarget::Route(rules) => rules,
         };
         for rule in rules {
@@ -485,7 +485,7 @@ impl Policy {
             if matched {
                 let index = rule.choice.choose(rng);
                 return match rule.backends.get(index) {
-                    Some(call) => Decision::Forward(Rc::clone(call)),
+                    Some(call) => Decision::Forward(Arc::clone(call)),
                     None => Decision::Reject(RequestError::RouteNotFound),
                 };
             }
@@ -808,7 +808,7 @@ fn compile_rule(
         resource,
         &field,
     )?;
-    let limits = limits::rule_limits(&limits).map(Rc::new);
+    let limits = limits::rule_limits(&limits).map(Arc::new);
     let fallback_key = rule.fallback.as_ref().map(|_| key);
     let mut backends = Vec::with_capacity(rule.backend_refs.len());
     let mut backend_hosts = Vec::with_capacity(rule.backend_refs.len());
@@ -847,7 +847,7 @@ fn compile_rule(
         backend_hosts.push(host);
     }
     if let Some(fallback) = &rule.fallback {
-        let mut attempts: Vec<(String, Rc<ProviderCall>)> = backend_hosts
+        let mut attempts: Vec<(String, Arc<ProviderCall>)> = backend_hosts
             .iter()
             .cloned()
             .zip(backends.iter().cloned())
@@ -924,8 +924,8 @@ fn compile_fallback(
     providers: &Providers<'_>,
     rule_name: &str,
     key: &str,
-    limits: Option<&Rc<RuleLimits>>,
-) -> Result<Vec<(String, Rc<ProviderCall>)>, ConfigError> {
+    limits: Option<&Arc<RuleLimits>>,
+) -> Result<Vec<(String, Arc<ProviderCall>)>, ConfigError> {
     if fallback.providers.is_empty() {
         return Err(ConfigError::new(
             resource,
@@ -940,7 +940,7 @@ fn compile_fallback(
             "names no failure: leave it out for the default (connect-failure, 5xx, 429)",
         ));
     }
-    let mut out: Vec<(String, Rc<ProviderCall>)> = Vec::with_capacity(fallback.providers.len());
+    let mut out: Vec<(String, Arc<ProviderCall>)> = Vec::with_capacity(fallback.providers.len());
     for (f, host) in fallback.providers.iter().enumerate() {
         let at = field(&format!("fallback.providers[{f}]"));
         let host = normalize_config_host(host).map_err(|m| ConfigError::new(resource, &at, m))?;
@@ -966,8 +966,8 @@ fn provider_call(
     rule_name: &str,
     authority: &str,
     fallback: Option<&str>,
-    limits: Option<&Rc<RuleLimits>>,
-) -> Rc<ProviderCall> {
+    limits: Option<&Arc<RuleLimits>>,
+) -> Arc<ProviderCall> {
     let configs = &provider.spec.configs;
     let config = (!rule_name.is_empty())
         .then(|| configs.route_specific_configs.get(rule_name))
@@ -982,7 +982,7 @@ fn provider_call(
     let model_mapping = config
         .and_then(|c| ModelMapping::compile(&c.model_mapping).ok())
         .unwrap_or_default();
-    Rc::new(ProviderCall {
+    Arc::new(ProviderCall {
         provider: provider.metadata.name.clone(),
         rule: rule_name.to_string(),
         authority: authority.to_string(),
@@ -1107,7 +1107,7 @@ mod tests {
         headers
     }
 
-    fn forward(policy: &Policy, headers: &[(String, Vec<u8>)]) -> Rc<ProviderCall> {
+    fn forward(policy: &Policy, headers: &[(String, Vec<u8>)]) -> Arc<ProviderCall> {
         match policy.decide(headers, &mut SplitMix64::new(1)) {
             Decision::Forward(call) => call,
             other => panic!("expected Forward, got {other:?}"),
@@ -1978,7 +1978,7 @@ spec:
         assert_eq!(second.fallback.as_deref(), Some("team/r/0 q.example"));
         assert_eq!(policy.attempt_order(key.as_bytes(), &call), vec!["p", "q"]);
         assert_eq!(policy.attempt_order(b"team/r/9", &call), vec!["p"]);
-        let first_rc = Rc::new(call.clone());
+        let first_rc = Arc::new(call.clone());
         let at = |n| {
             policy
                 .attempt_at(key.as_bytes(), &first_rc, n)
@@ -2101,7 +2101,7 @@ spec:
             )]
         );
         let attempt = policy.attempt_call(b"team/r/0", b"q.example").unwrap();
-        assert!(Rc::ptr_eq(attempt.limits.as_ref().unwrap(), limits));
+        assert!(Arc::ptr_eq(attempt.limits.as_ref().unwrap(), limits));
         let other = forward(&policy, &request("llm.example", &[]));
         assert!(other.limits.is_none());
         let direct = forward(&policy, &request("p.example", &[]));

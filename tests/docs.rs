@@ -28,6 +28,11 @@ const RUN_ELSEWHERE: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "cargo build --release --lib --features native",
+        "scripts/test.sh",
+        &["cargo build --release --lib --features native"],
+    ),
+    (
         "cargo build --bin llm-filter",
         "scripts/render-configs.sh",
         &["cargo build --quiet --bin llm-filter"],

@@ -118,7 +118,8 @@ fn chat(budget: &str, user: Option<&str>) -> Req {
 fn rate_limited_series(envoy: &Envoy, rule: &str) -> u64 {
     let (_, text) = admin_get(envoy.admin, "/stats/prometheus").unwrap();
     let want = format!(
-        "llm_rate_limited_total{{provider=\"dashscope-qwen\",model=\"qwen-turbo\",rule=\"{rule}\"}}"
+        "{}{{provider=\"dashscope-qwen\",model=\"qwen-turbo\",rule=\"{rule}\"}}",
+        support::native::prometheus_name("llm_rate_limited_total")
     );
     text.lines()
         .find_map(|l| l.strip_prefix(&want))

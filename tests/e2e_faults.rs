@@ -115,7 +115,9 @@ fn requests_by_class(envoy: &Envoy) -> BTreeMap<String, f64> {
     assert_eq!(status, 200);
     body.lines()
         .filter_map(|line| {
-            let rest = line.strip_prefix("llm_requests_total{")?;
+            let rest = line
+                .strip_prefix(&support::native::prometheus_name("llm_requests_total"))?
+                .strip_prefix('{')?;
             let (labels, value) = rest.split_once("} ")?;
             if !labels.contains("provider=\"dashscope-qwen\"")
                 || !labels.contains("model=\"qwen1.5-72b-chat\"")

@@ -97,6 +97,12 @@ async fn slow_clients_neither_trigger_nor_use_up_the_missing_setting_error() {
     );
     // A client that does send its body shows the real misconfiguration.
     let resp = support::client::send(envoy.addr, &Req::chat(DASHSCOPE, SEED_BODY)).await;
+    if support::native::native_build() {
+        // The dynamic module has no such flag to forget: Envoy always hands it the body.
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(provider.all_requests().len(), 1);
+        return;
+    }
     assert_openai_error(&resp, 500, "body_not_delivered");
     assert!(provider.all_requests().is_empty());
     let log = envoy.wait_for_log(WARNING, Duration::from_secs(5));

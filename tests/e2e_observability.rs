@@ -44,7 +44,9 @@ fn prometheus(s: &Stack, metric: &str) -> Vec<(BTreeMap<String, String>, f64)> {
     assert_eq!(status, 200);
     body.lines()
         .filter_map(|line| {
-            let rest = line.strip_prefix(metric)?.strip_prefix('{')?;
+            let rest = line
+                .strip_prefix(&support::native::prometheus_name(metric))?
+                .strip_prefix('{')?;
             let (labels, value) = rest.split_once("} ")?;
             let labels = labels
                 .split("\",")

@@ -87,12 +87,20 @@ impl Prometheus {
         let binary = prometheus_binary();
         let dir = temp_dir("prometheus");
         let config = dir.join("prometheus.yml");
+        // The dynamic module's families are `envoy_llm_<name>`: renamed to the wasm build's
+        // `llm_<name>`, so the dashboards' queries serve both builds.
+        let relabel = if support::native::native_build() {
+            "  metric_relabel_configs:\n  - source_labels: [__name__]\n    \
+             regex: 'envoy_(llm_.*)'\n    target_label: __name__\n    replacement: '$1'\n"
+        } else {
+            ""
+        };
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
                  scrape_configs:\n- job_name: envoy\n  metrics_path: /stats/prometheus\n  \
-                 static_configs:\n  - targets: ['{envoy_admin}']\n"
+                 static_configs:\n  - targets: ['{envoy_admin}']\n{relabel}"
             ),
         )
         .expect("write prometheus.yml");
@@ -731,12 +739,19 @@ async fn dashboard_queries_return_the_traffic_in_real_prometheus() {
     );
 
     // The filter's metrics live in Envoy's `wasmcustom` stats namespace (what Istio's
-    // inclusion prefixes must let through); /stats/prometheus drops the namespace.
+    // inclusion prefixes must let through); /stats/prometheus drops the namespace. The dynamic
+    // module's are `llm.<name>` (its metrics namespace), `envoy_llm_<name>` in Prometheus, which
+    // the scrape's relabelling (docs/native.md) turns back into the dashboards' names.
     let (_, stats) = admin_get(s.envoy.admin, "/stats?filter=llm.requests_total").unwrap();
+    let namespace = if support::native::native_build() {
+        "llm.requests_total"
+    } else {
+        "wasmcustom."
+    };
     assert!(
         stats
             .lines()
-            .any(|l| l.starts_with("wasmcustom.") && l.contains("llm.requests_total")),
+            .any(|l| l.starts_with(namespace) && l.contains("llm.requests_total")),
         "{stats}"
     );
 

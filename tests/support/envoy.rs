@@ -61,9 +61,27 @@ fn spawn(config_yaml: &str, dir: &Path) -> Child {
     spawn_with(config_yaml, dir, Launch::default())
 }
 
+/// `config_yaml` for the build under test: as given for the wasm build; for the native build
+/// (`LLM_FILTER_BUILD=native`) with the wasm filter replaced by the dynamic module (a config
+/// that is not YAML stays as it is, for Envoy to refuse).
+fn for_build(config_yaml: &str) -> String {
+    if super::native_module().is_none() {
+        return config_yaml.to_string();
+    }
+    let Ok(mut doc) = serde_yaml::from_str::<serde_yaml::Value>(config_yaml) else {
+        return config_yaml.to_string();
+    };
+    super::patch::wasm_to_native(&mut doc);
+    super::patch::render(&doc).unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn spawn_with(config_yaml: &str, dir: &Path, launch: Launch<'_>) -> Child {
     let cfg = dir.join("envoy.yaml");
-    std::fs::write(&cfg, config_yaml).expect("write envoy.yaml");
+    std::fs::write(&cfg, for_build(config_yaml)).expect("write envoy.yaml");
+    // Envoy finds lib<name>.so in this directory.
+    let search_path = super::native_module()
+        .and_then(Path::parent)
+        .map(|dir| ("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir.as_os_str()));
     let log = std::fs::File::create(dir.join("envoy.log")).expect("create envoy.log");
     let log2 = log.try_clone().expect("clone log handle");
     Command::new(envoy_binary())
@@ -72,6 +90,8 @@ fn spawn_with(config_yaml: &str, dir: &Path, launch: Launch<'_>) -> Child {
         .args(["--concurrency", "1", "--use-dynamic-base-id"])
         .args(["--log-level", launch.log_level])
         .args(["--file-flush-interval-msec", "100"])
+        // A caller's own search path (tests/native.rs loads other builds) wins.
+        .envs(search_path)
         .envs(launch.env.iter().copied())
         .arg("--admin-address-path")
         .arg(dir.join("admin-address"))
@@ -213,8 +233,18 @@ impl Drop for Envoy {
 /// Runs Envoy on a config expected to be refused; returns its exit status and log.
 /// Fails the test if Envoy is still running after `timeout`.
 pub fn run_to_exit(config_yaml: &str, label: &str, timeout: Duration) -> (ExitStatus, String) {
+    run_to_exit_with(config_yaml, label, timeout, Launch::default())
+}
+
+/// [`run_to_exit`] with extra environment variables or another log level.
+pub fn run_to_exit_with(
+    config_yaml: &str,
+    label: &str,
+    timeout: Duration,
+    launch: Launch<'_>,
+) -> (ExitStatus, String) {
     let dir = temp_dir(label);
-    let mut child = spawn(config_yaml, &dir);
+    let mut child = spawn_with(config_yaml, &dir, launch);
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(status)) = child.try_wait() {

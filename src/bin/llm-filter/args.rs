@@ -45,6 +45,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per run: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check manifests exactly as the filter would load them; prints nothing when they are valid
@@ -163,6 +165,10 @@ pub struct EnvoyFlags {
     /// Path of the filter's .wasm as Envoy opens it (relative: to Envoy's working directory)
     #[arg(long, value_name = "PATH", default_value = DEFAULT_WASM)]
     pub wasm: String,
+    /// Load the filter as Envoy's native dynamic module (libllm_filter.so, found through
+    /// ENVOY_DYNAMIC_MODULES_SEARCH_PATH) instead of the .wasm
+    #[arg(long, conflicts_with = "wasm")]
+    pub native: bool,
     /// Address of the plain-HTTP listener
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_LISTEN, value_parser = parse_socket)]
     pub listen: SocketAddr,
@@ -186,6 +192,7 @@ impl EnvoyFlags {
     pub fn options(self) -> EnvoyOptions {
         EnvoyOptions {
             wasm: self.wasm,
+            native: self.native,
             listen: self.listen,
             admin: self.admin,
             endpoints: self
@@ -217,6 +224,8 @@ pub struct IstioArgs {
 pub struct EnvoyOptions {
     /// Path of the `.wasm` as Envoy should open it.
     pub wasm: String,
+    /// `--native`: the dynamic module instead of the `.wasm`.
+    pub native: bool,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     /// Where a provider host connects instead of `HOST:443` via DNS.
@@ -233,6 +242,7 @@ impl Default for EnvoyOptions {
     fn default() -> Self {
         EnvoyOptions {
             wasm: DEFAULT_WASM.to_string(),
+            native: false,
             listen: SocketAddr::new("0.0.0.0", 10000),
             admin: SocketAddr::new("127.0.0.1", 9901),
             endpoints: BTreeMap::new(),

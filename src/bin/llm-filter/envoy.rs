@@ -29,6 +29,14 @@ const ROUTE_TIMEOUT: &str = "300s";
 const CONNECT_TIMEOUT: &str = "10s";
 const LISTENER: &str = "llm";
 const WASM_FILTER: &str = "envoy.filters.http.wasm";
+/// Envoy's HTTP filter that runs a native dynamic module (`--native`).
+const NATIVE_FILTER: &str = "envoy.filters.http.dynamic_modules";
+/// The dynamic module's name: Envoy opens `libllm_filter.so`.
+pub(crate) const NATIVE_MODULE: &str = "llm_filter";
+/// The native module's `metrics_namespace` (`llm_filter::native::METRICS_NAMESPACE`).
+pub(crate) const NATIVE_METRICS_NAMESPACE: &str = "llm";
+/// The downstream filter's name (wasm: its plugin name and root id).
+const FILTER_NAME: &str = "llm-filter";
 /// The root id of the filter's upstream part (see `filter.rs`).
 const UPSTREAM_ROOT_ID: &str = "llm-filter-upstream";
 const ROUTER: &str = "envoy.filters.http.router";
@@ -93,8 +101,11 @@ pub fn render(
             provider_cluster(p, options, buffer_limit, tagged)
         })
         .collect();
-    let upstream_filter =
-        wasm_upstream_filter(&options.wasm, &configuration, &config.api_key_env_names());
+    let upstream_filter = if options.native {
+        native_filter(UPSTREAM_ROOT_ID, &configuration)
+    } else {
+        wasm_upstream_filter(&options.wasm, &configuration, &config.api_key_env_names())
+    };
     clusters.extend(
         fallbacks
             .iter()
@@ -128,11 +139,11 @@ pub fn render(
         .iter()
         .flat_map(|e| e.http_filters.iter().cloned())
         .collect();
-    http_filters.push(wasm_filter(
-        &options.wasm,
-        &configuration,
-        &config.api_key_env_names(),
-    ));
+    http_filters.push(if options.native {
+        native_filter(FILTER_NAME, &configuration)
+    } else {
+        wasm_filter(&options.wasm, &configuration, &config.api_key_env_names())
+    });
     // After the llm-filter, whose filter state says which budgets a request spends from.
     if let Some(service) = &options.ratelimit {
         http_filters.push(ratelimit::http_filter(ratelimit::CLUSTER, service.failure));
@@ -665,6 +676,42 @@ fn wasm_filter(wasm: &str, configuration: &str, env_keys: &[String]) -> Value {
                         ),
                     ]),
                 )],
+            ),
+        ),
+    ])
+}
+
+/// The filter as Envoy's native dynamic module (`render envoy --native`): Envoy loads
+/// `lib<NATIVE_MODULE>.so` from `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` and hands it `filter_name`
+/// (`llm-filter`, or `llm-filter-upstream` for the upstream part, as the wasm root ids) and the
+/// same configuration string. The module reads `apiKeyFromEnv` variables from Envoy's own
+/// environment and holds headers for the body without a setting.
+pub(crate) fn native_filter(filter_name: &str, configuration: &str) -> Value {
+    map([
+        ("name", NATIVE_FILTER.into()),
+        (
+            "typed_config",
+            typed(
+                "envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+                [
+                    (
+                        "dynamic_module_config",
+                        // The module's metric families then read `llm.requests_total` and so
+                        // on, as the wasm build's (docs/native.md).
+                        map([
+                            ("name", NATIVE_MODULE.into()),
+                            ("metrics_namespace", NATIVE_METRICS_NAMESPACE.into()),
+                        ]),
+                    ),
+                    ("filter_name", filter_name.into()),
+                    (
+                        "filter_config",
+                        typed(
+                            "google.protobuf.StringValue",
+                            [("value", configuration.into())],
+                        ),
+                    ),
+                ],
             ),
         ),
     ])
@@ -1233,7 +1280,9 @@ fn header(
             .iter()
             .map(|e| format!("--extend {}", e.path.display())),
     );
-    if options.wasm != defaults.wasm {
+    if options.native {
+        command.push("--native".to_string());
+    } else if options.wasm != defaults.wasm {
         command.push(format!("--wasm {}", options.wasm));
     }
     let addr = |a: &SocketAddr| {
@@ -1328,14 +1377,25 @@ fn header(
             }
         ));
     }
+    let module = if options.native {
+        format!(
+            "Envoy loads the filter's native\n\
+             # module lib{NATIVE_MODULE}.so from the directory ENVOY_DYNAMIC_MODULES_SEARCH_PATH names\n\
+             # (else the directory it starts in)."
+        )
+    } else {
+        format!(
+            "Envoy opens the wasm module at\n\
+             #   {}\n\
+             # (a relative path is relative to the directory Envoy starts in).",
+            options.wasm
+        )
+    };
     out.push_str(&format!(
-        "# Admin interface: {}. Envoy opens the wasm module at\n\
-         #   {}\n\
-         # (a relative path is relative to the directory Envoy starts in). The apiKey values are\n\
+        "# Admin interface: {}. {module} The apiKey values are\n\
          # embedded as rendered (${{NAME}} expanded from the environment): keep a file holding\n\
          # real keys out of version control.\n",
         addr(&options.admin),
-        options.wasm
     ));
     out
 }
@@ -1789,6 +1849,71 @@ spec:
     backendRefs: [{providerHost: dashscope.aliyuncs.com}]
     fallback: {providers: [api.moonshot.cn], on: [connect-failure, 429]}
 ";
+
+    #[test]
+    fn native_loads_the_dynamic_module_with_the_same_configuration_downstream_and_upstream() {
+        let wasm = rendered(FALLBACK, &EnvoyOptions::default());
+        let native = rendered(
+            FALLBACK,
+            &EnvoyOptions {
+                native: true,
+                ..EnvoyOptions::default()
+            },
+        );
+        let configuration = embedded(&wasm);
+        let filters = hcm(&native)["http_filters"].as_sequence().unwrap();
+        assert!(filters.iter().all(|f| f["name"] != WASM_FILTER));
+        let module = filters.iter().find(|f| f["name"] == NATIVE_FILTER).unwrap();
+        let typed = &module["typed_config"];
+        assert_eq!(
+            typed["@type"],
+            "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+        );
+        assert_eq!(typed["dynamic_module_config"]["name"], NATIVE_MODULE);
+        assert_eq!(typed["filter_name"], FILTER_NAME);
+        assert_eq!(
+            typed["filter_config"]["@type"],
+            "type.googleapis.com/google.protobuf.StringValue"
+        );
+        assert_eq!(
+            typed["filter_config"]["value"].as_str(),
+            Some(configuration.as_str())
+        );
+        let aggregate = cluster(&native, "fallback.team.ha.0.dashscope-qwen");
+        let upstream = &aggregate["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0];
+        assert_eq!(upstream["name"], NATIVE_FILTER);
+        assert_eq!(upstream["typed_config"]["filter_name"], UPSTREAM_ROOT_ID);
+        assert_eq!(
+            upstream["typed_config"]["filter_config"]["value"].as_str(),
+            Some(configuration.as_str())
+        );
+        // Everything else is the same bootstrap: routes, clusters, filter state names.
+        let without_filters = |doc: &Value| {
+            let mut doc = doc.clone();
+            let text = serde_yaml::to_string(&doc).unwrap();
+            assert!(text.contains("wasm.llm.provider"));
+            if let Some(hcm) = doc["static_resources"]["listeners"][0]["filter_chains"][0]
+                ["filters"][0]["typed_config"]
+                .as_mapping_mut()
+            {
+                hcm.remove("http_filters");
+            }
+            let clusters = doc["static_resources"]["clusters"]
+                .as_sequence_mut()
+                .unwrap();
+            for c in clusters.iter_mut() {
+                if let Some(o) = c["typed_extension_protocol_options"]
+                    ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+                    .as_mapping_mut()
+                {
+                    o.remove("http_filters");
+                }
+            }
+            doc
+        };
+        assert_eq!(without_filters(&wasm), without_filters(&native));
+    }
 
     #[test]
     fn fallback_gets_an_aggregate_cluster_a_retry_route_and_tagged_endpoints() {
