@@ -38,6 +38,7 @@
 #     BENCH_AIGW_EXTPROC=path runs that binary instead of installing it;
 #   - LiteLLM (pip, its own venv in .work/bench/litellm-venv, 1 worker, its master key checked),
 #     for the 1 KB and streaming cases.
+#   BENCH_PEERS=aigw or BENCH_PEERS=litellm runs only that one.
 #
 # Flags: --quick (1 round of 1 s, 5 streaming runs, 5k requests for memory: for development),
 # --rounds N (default 5), --duration S (seconds per wrk run, default 5), --sizes LIST (some of
@@ -114,6 +115,7 @@ ECHO_MODULE=/usr/lib/nginx/modules/ngx_http_echo_module.so
 LLM_HOST=llm.bench.local       # the chat provider: path, model, stream false, apiKey
 STREAM_HOST=stream.bench.local # the streaming provider: path, model, stream true, apiKey
 VERIFY_HOST=verify.bench.local # nginx echoes what it got: proves the rewrite happened
+AIGW_VERIFY_HOST=aigw-verify.bench.local # the same for AI Gateway, in nginx's log
 # Every client request carries this key, as SDKs do: the filter replaces it with the
 # provider's, plain Envoy passes it on, LiteLLM checks it (its master key).
 CLIENT_KEY=sk-bench-client-key
@@ -195,7 +197,8 @@ LITELLM=""
 LITELLM_VERSION=""
 PEER_NOTES=()
 AIGW=""
-if [ "$PEERS" = 1 ]; then
+PEER_LIST=",${BENCH_PEERS:-aigw,litellm},"
+if [ "$PEERS" = 1 ] && [[ "$PEER_LIST" == *,litellm,* ]]; then
     venv="$BENCH_DIR/litellm-venv"
     if [ ! -x "$venv/bin/litellm" ]; then
         log "pip install 'litellm[proxy]' into $venv (a few minutes)"
@@ -212,6 +215,8 @@ if [ "$PEERS" = 1 ]; then
         LITELLM_VERSION="$("$venv/bin/pip" show litellm 2>/dev/null | sed -n 's/^Version: //p')"
         ok "litellm $LITELLM_VERSION"
     fi
+fi
+if [ "$PEERS" = 1 ] && [[ "$PEER_LIST" == *,aigw,* ]]; then
     if [ -n "${BENCH_AIGW_EXTPROC:-}" ]; then
         [ -x "$BENCH_AIGW_EXTPROC" ] || die "BENCH_AIGW_EXTPROC=$BENCH_AIGW_EXTPROC is not an executable file"
         AIGW="$(cd "$(dirname "$BENCH_AIGW_EXTPROC")" && pwd)/$(basename "$BENCH_AIGW_EXTPROC")"
@@ -434,7 +439,8 @@ fi
 # the part that runs in a cluster's upstream filter chain (fallback).
 filter_snippet() {
     local kind=$1 manifests=$2 pad=$3 part=${4:-} name=llm-filter
-    [ "$part" = upstream ] && name=llm-filter-upstream
+    # The wasm build tells its parts apart by root_id; the native one by where Envoy runs it.
+    [ "$part" = upstream ] && [ "$kind" = wasm ] && name=llm-filter-upstream
     if [ "$kind" = wasm ]; then
         sed "s/^/$pad/" <<EOF
 - name: envoy.filters.http.wasm
@@ -792,7 +798,7 @@ $(aigw_route 2 bench-verify)
   clusters:
 $(aigw_cluster 0 chat "$LLM_HOST")
 $(aigw_cluster 1 stream "$STREAM_HOST")
-$(aigw_cluster 2 verify "$VERIFY_HOST")
+$(aigw_cluster 2 verify "$AIGW_VERIFY_HOST")
   - name: ai-gateway-extproc-uds
     type: STATIC
     connect_timeout: 10s
@@ -810,6 +816,7 @@ EOF
 }
 [ -n "$AIGW" ] && aigw_envoy_config >"$RUN/envoy-aigw.yaml"
 
+CHAT_ANSWER='{"id":"chatcmpl-bench","object":"chat.completion","created":1735026073,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":9,"total_tokens":29}}'
 # The upstream: a fixed chat completion (with usage, which the filter reads), a stream whose
 # first event leaves at once and the rest 10 ms apart, and an echo of the request for checks.
 cat >"$RUN/nginx-sse.conf" <<'EOF'
@@ -850,7 +857,7 @@ http {
         location /stream/ { include $RUN/nginx-sse.conf; }
         location / {
             default_type application/json;
-            return 200 '{"id":"chatcmpl-bench","object":"chat.completion","created":1735026073,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help you today?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":20,"completion_tokens":9,"total_tokens":29}}';
+            return 200 '$CHAT_ANSWER';
         }
     }
     server {
@@ -866,6 +873,19 @@ http {
             echo_read_request_body;
             echo "\$request_method \$request_uri authorization=\$http_authorization";
             echo_request_body;
+        }
+    }
+    # AI Gateway parses every answer as a chat completion: this host answers one and logs what it
+    # got instead.
+    log_format verify escape=json '\$request_method \$request_uri authorization=\$http_authorization \$request_body';
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        server_name $AIGW_VERIFY_HOST;
+        access_log $RUN/nginx-verify.log verify;
+        location / {
+            default_type application/json;
+            echo_read_request_body;
+            echo '$CHAT_ANSWER';
         }
     }
 }
@@ -957,8 +977,11 @@ EOF
 
 # ---------------------------------------------------------------------------- processes
 PIDS=()
+declare -A MAIN_PIDS SIDE_PIDS
 stop_all() {
     local pid
+    # AI Gateway's ext_proc server waits 15 s after SIGTERM for its pod's load balancer.
+    [ -n "${SIDE_PIDS[aigw]:-}" ] && kill -KILL "${SIDE_PIDS[aigw]}" 2>/dev/null
     for pid in "${PIDS[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
@@ -985,8 +1008,8 @@ wait_http() {
 header "upstream and proxies"
 "${LOAD_CPU[@]}" nginx -c "$RUN/nginx.conf" -g 'daemon off;' 2>>"$RUN/nginx-error.log" &
 PIDS+=($!)
-# The processes whose CPU time counts for a target: its Envoy (or LiteLLM), and beside it.
-declare -A MAIN_PIDS SIDE_PIDS
+# MAIN_PIDS, SIDE_PIDS: the processes whose CPU time counts for a target: its Envoy (or
+# LiteLLM), and the ones beside it.
 start_envoy() { # TARGET
     "${PROXY_CPU[@]}" "$ENVOY" -c "$RUN/envoy-$1.yaml" --concurrency 1 --disable-hot-restart \
         -l warning --log-path "$RUN/envoy-$1.log" &
@@ -1049,12 +1072,13 @@ grep -q '"model":"gpt-4o-mini"' <<<"$seen" || die "plain Envoy changed the body"
 if [ -n "$AIGW" ]; then
     # The verifying backend is picked by the body's model: ext_proc must have set the header,
     # re-routed, and rewritten path, model and key for that backend.
-    seen="$(post "${PORT[aigw]}" "$LLM_HOST" "$RUN/body-verify-by-model.json")" ||
+    post "${PORT[aigw]}" "$LLM_HOST" "$RUN/body-verify-by-model.json" | grep -q '"total_tokens":29' ||
         die "no answer from AI Gateway's verifying backend; see $RUN/aigw-extproc.log"
-    grep -q '^POST /verified/chat/completions authorization=Bearer sk-bench-verify$' <<<"$seen" ||
-        die "AI Gateway did not rewrite path and key; nginx saw: $(head -1 <<<"$seen")"
-    grep -q '"model":"bench-model"' <<<"$seen" || die "AI Gateway did not override the model: $seen"
-    ok "AI Gateway: nginx got $(head -1 <<<"$seen" | sed 's/sk-bench-verify/sk-…/') and model bench-model"
+    seen="$(tail -1 "$RUN/nginx-verify.log" 2>/dev/null)"
+    grep -q '^POST /verified/chat/completions authorization=Bearer sk-bench-verify ' <<<"$seen" ||
+        die "AI Gateway did not rewrite path and key; nginx saw: ${seen:0:200}"
+    grep -qF '\"model\":\"bench-model\"' <<<"$seen" || die "AI Gateway did not override the model: $seen"
+    ok "AI Gateway: nginx got $(cut -d' ' -f1-2 <<<"$seen"), the backend's key and model bench-model"
 fi
 for t in "${TARGETS[@]}"; do
     for size in "${SIZES[@]}"; do

@@ -270,6 +270,11 @@ def tables(cases, memory, meta, builds, budget_rows):
 
 
 # ---------------------------------------------------------------------------- chart
+def envoy_version(text):
+    """1.40.0 out of Envoy's `<sha>/1.40.0/Clean/RELEASE/BoringSSL`."""
+    return next((p for p in text.split("/") if p[:1].isdigit() and p.count(".") == 2), text)
+
+
 def esc(s):
     return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -288,7 +293,7 @@ def chart(results, path):
            f'<text x="{W / 2}" y="24" text-anchor="middle" font-size="16" font-weight="bold">'
            'llm-filter against plain Envoy, with the peers, in the same run</text>',
            f'<text x="{W / 2}" y="44" text-anchor="middle" fill="#555">{esc(meta["date"])}, {meta["nproc"]} cores '
-           f'({esc(meta["cpu"])}), load {esc(meta.get("load", "?"))}, Envoy {esc(meta["envoy"].split("/")[0])}, '
+           f'({esc(meta["cpu"])}), load {esc(meta.get("load", "?"))}, Envoy {esc(envoy_version(meta["envoy"]))}, '
            f'{meta["rounds"]} rounds of {meta["duration_s"]} s, medians</text>']
 
     def panel(x0, title, ylabel, value, scale, ticks, budget_marks, fmt):
@@ -302,7 +307,7 @@ def chart(results, path):
             out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{esc(fmt(tv))}</text>')
         out.append(f'<line x1="{x0}" y1="{top + panel_h}" x2="{x0 + panel_w}" y2="{top + panel_h}" stroke="#333"/>')
         group = panel_w / max(1, len(sizes))
-        bar = min(26, (group - 20) / max(1, len(series)))
+        bar = min(30, (group - 16) / max(1, len(series)))
         for i, size in enumerate(sizes):
             gx = x0 + i * group + (group - bar * len(series)) / 2
             out.append(f'<text x="{x0 + i * group + group / 2}" y="{top + panel_h + 18}" '
@@ -311,9 +316,8 @@ def chart(results, path):
             if mark is not None:
                 y = top + panel_h - scale(mark) * panel_h
                 out.append(f'<line x1="{x0 + i * group + 6}" y1="{y:.1f}" x2="{x0 + (i + 1) * group - 6}" '
-                           f'y2="{y:.1f}" stroke="#59a14f" stroke-dasharray="5,3"/>')
-                out.append(f'<text x="{x0 + (i + 1) * group - 6}" y="{y - 4:.1f}" text-anchor="end" '
-                           f'font-size="10" fill="#3b7a35">native budget {esc(fmt(mark))}</text>')
+                           f'y2="{y:.1f}" stroke="#2f6b2a" stroke-width="1.5" stroke-dasharray="6,3">'
+                           f'<title>the native build\'s budget: {esc(fmt(mark))}</title></line>')
             for j, t in enumerate(series):
                 v = value(size, t)
                 if v is None:
@@ -343,7 +347,7 @@ def chart(results, path):
 
     panel(lefts[1], "Added CPU per request over plain Envoy", "µs, log scale (lower is better)",
           cpu, log_scale, [1, 10, 100, 1000, 10000, 100000], {"1KB": 10},
-          lambda v: f"{v:,.0f} µs" if v < 10000 else f"{v / 1000:,.1f} ms")
+          lambda v: f"{v:.0f} µs" if abs(v) < 1000 else f"{v / 1000:.1f} ms")
     # Legend.
     x = 70
     y = H - 30
@@ -351,6 +355,9 @@ def chart(results, path):
         out.append(f'<rect x="{x}" y="{y - 10}" width="12" height="12" fill="{COLORS.get(t, "#999")}"/>')
         out.append(f'<text x="{x + 16}" y="{y}">{esc(label(t))}</text>')
         x += 30 + 7 * len(label(t))
+    out.append(f'<line x1="{x}" y1="{y - 4}" x2="{x + 24}" y2="{y - 4}" stroke="#2f6b2a" stroke-width="1.5" '
+               'stroke-dasharray="6,3"/>')
+    out.append(f'<text x="{x + 30}" y="{y}">the native build\'s budget</text>')
     out.append(f'<text x="{W - 10}" y="{H - 10}" text-anchor="end" font-size="10" fill="#777">'
                'CPU: the Envoy process (AI Gateway: Envoy and its ext_proc server; LiteLLM: its process); '
                'scripts/bench.sh</text>')
