@@ -47,7 +47,9 @@
 # Output: Markdown tables on stdout, .work/bench/results.json and the chart (drawn by
 # scripts/bench_report.py from results.json); logs in .work/bench/run/.
 # Environment: BENCH_WASM=path measures that .wasm instead of building this tree's (to compare
-# a variant), BENCH_NATIVE=path that libllm_filter.so, BENCH_RESULTS=path writes the JSON
+# a variant), BENCH_WASM_BASELINE=path runs that .wasm too, as "wasm-baseline" (the budget "wasm no
+# slower than before" is then judged against it in the same rounds), BENCH_NATIVE=path that
+# libllm_filter.so, BENCH_RESULTS=path writes the JSON
 # there instead, BENCH_MODEL_ROUTED=1 sends the chat cases through an LLMRoute rule that matches
 # the body's model (routing at body time), BENCH_HOLD_HEADERS=0 lets the headers go at once (the
 # Istio WasmPlugin way), BENCH_APM=1 puts Envoy's AI Protocol Manager (which buffers the whole
@@ -191,7 +193,15 @@ if wants_build wasm; then
         WASM="$REPO_ROOT/$WASM_OUT"
     fi
 fi
-ok "builds: ${BUILDS[*]}; $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2), $(nginx -v 2>&1 | sed 's/.*: //')"
+WASM_BASELINE=""
+if [ -n "${BENCH_WASM_BASELINE:-}" ]; then
+    # Another .wasm (e.g. the main branch's) beside this tree's in the same rounds: the budget
+    # "wasm no slower than before" is then judged against it.
+    [ -f "$BENCH_WASM_BASELINE" ] || die "BENCH_WASM_BASELINE=$BENCH_WASM_BASELINE is not a file"
+    wants_build wasm || die "BENCH_WASM_BASELINE compares with the wasm build: add it to --builds"
+    WASM_BASELINE="$(cd "$(dirname "$BENCH_WASM_BASELINE")" && pwd)/$(basename "$BENCH_WASM_BASELINE")"
+fi
+ok "builds: ${BUILDS[*]}${WASM_BASELINE:+, wasm-baseline ($WASM_BASELINE)}; $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2), $(nginx -v 2>&1 | sed 's/.*: //')"
 
 LITELLM=""
 LITELLM_VERSION=""
@@ -264,6 +274,7 @@ if [ "${BENCH_FALLBACK:-0}" = 1 ]; then
         TARGET_KIND[$b-fallback]=$b TARGET_FALLBACK[$b-fallback]=1
     done
 fi
+if [ -n "$WASM_BASELINE" ]; then TARGETS+=(wasm-baseline) TARGET_KIND[wasm-baseline]=wasm TARGET_FALLBACK[wasm-baseline]=0; fi
 if [ -n "$AIGW" ]; then TARGETS+=(aigw) TARGET_KIND[aigw]=aigw TARGET_FALLBACK[aigw]=0; fi
 if [ -n "$LITELLM" ]; then TARGETS+=(litellm) TARGET_KIND[litellm]=litellm TARGET_FALLBACK[litellm]=0; fi
 # The Envoys with the filter, and every Envoy (memory is measured on these).
@@ -453,7 +464,7 @@ $([ "$part" = upstream ] || echo "      allow_on_headers_stop_iteration: $ALLOW_
       vm_config:
         vm_id: llm-filter
         runtime: envoy.wasm.runtime.v8
-        code: { local: { filename: $WASM } }
+        code: { local: { filename: $wasm_file } }
       configuration:
         '@type': type.googleapis.com/google.protobuf.StringValue
         value: |
@@ -477,6 +488,9 @@ EOF
 # envoy_config TARGET: the one template every Envoy target is made from (AI Gateway's below).
 envoy_config() {
     local t=$1 kind=${TARGET_KIND[$1]} fallback=${TARGET_FALLBACK[$1]} manifests=$RUN/manifests.yaml
+    # filter_snippet reads wasm_file: the baseline target runs the other .wasm.
+    local wasm_file=$WASM
+    [ "$t" = wasm-baseline ] && wasm_file=$WASM_BASELINE
     local with_filter=1
     [ "$kind" = plain ] && with_filter=0
     [ "$fallback" = 1 ] && manifests=$RUN/manifests-fallback.yaml
@@ -1223,6 +1237,7 @@ json.dump({
     "hold_headers": ${BENCH_HOLD_HEADERS:-1}, "model_routed": ${BENCH_MODEL_ROUTED:-0},
     "apm": ${BENCH_APM:-0}, "routed": ${BENCH_ROUTED:-0}, "fallback": ${BENCH_FALLBACK:-0},
     "limited": ${BENCH_LIMITED:-0}, "wasm": "$WASM",
+    "wasm_baseline": "$WASM_BASELINE",
     "wasm_bytes": $([ -n "$WASM" ] && wc -c <"$WASM" || echo None),
     "native": "$NATIVE_SO", "native_bytes": $([ -n "$NATIVE_SO" ] && wc -c <"$NATIVE_SO" || echo None),
     "git": "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty)",

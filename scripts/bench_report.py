@@ -24,6 +24,7 @@ LABELS = {
     "native": "native",
     "wasm-fallback": "wasm, fallback",
     "native-fallback": "native, fallback",
+    "wasm-baseline": "wasm baseline",
     "aigw": "AI Gateway",
     "litellm": "LiteLLM",
 }
@@ -32,6 +33,7 @@ COLORS = {
     "native": "#59a14f",
     "wasm-fallback": "#a0cbe8",
     "native-fallback": "#8cd17d",
+    "wasm-baseline": "#bab0ac",
     "aigw": "#f28e2b",
     "litellm": "#e15759",
 }
@@ -158,7 +160,7 @@ def summarize(rows, meta):
 def budgets(cases, memory, meta):
     """Rows of (budget, {build target: (measured text, verdict)})."""
     by_id = {c["id"]: c for c in cases}
-    builds = [t for t, k in meta["targets"].items() if k in ("wasm", "native") and not t.endswith("-fallback")]
+    builds = [t for t, k in meta["targets"].items() if k in ("wasm", "native") and t == k]
     rows = []
 
     def vs(cid, t):
@@ -179,7 +181,8 @@ def budgets(cases, memory, meta):
         for t in builds:
             v = vs(cid, t)
             cells[t] = ("not measured", "—") if not v else (
-                f"{plus(v['added'])} ({plus_list(v['added_per_round'], v['added'])})",
+                f"{plus(v['added'])} (" + (plus_list(v['added_per_round'], v['added']) if len(v["added_per_round"]) <= 9
+                                           else f"median of {len(v['added_per_round'])} runs") + ")",
                 "met" if v["added"] <= ceiling else "missed")
         rows.append((text, cells))
 
@@ -201,8 +204,22 @@ def budgets(cases, memory, meta):
         cells[t] = (f"×{med(ratios):.2f} of the rule without ({', '.join(f'{x:.2f}' for x in ratios)})",
                     "met" if med(ratios) >= 0.90 else "missed")
     rows.append(("1 KB throughput with fallback within 10% of the same rule without", cells))
-    # The wasm build against its last published run.
-    if "wasm" in builds and not meta.get("routed") and not meta.get("model_routed"):
+    # The wasm build against a baseline build in the same rounds (BENCH_WASM_BASELINE), or else
+    # against its last published run.
+    if "wasm" in builds and "wasm-baseline" in meta["targets"]:
+        checks = []
+        for cid, kind in (("1KB/throughput", "ratio"), ("64KB/throughput", "ratio"), ("1KB/cpu", "added")):
+            v, w = vs(cid, "wasm"), vs(cid, "wasm-baseline")
+            if v and w:
+                checks.append((size_text(cid.split("/")[0]), kind, v[kind], w[kind]))
+        if checks:
+            text = "; ".join(f"{s} ×{m:.2f} (baseline ×{w:.2f})" if k == "ratio" else f"{s} CPU {plus(m)} (baseline {plus(w)})"
+                             for s, k, m, w in checks)
+            ok = all((m >= w - RATIO_SLACK) if k == "ratio" else (m <= w + CPU_SLACK) for _, k, m, w in checks)
+            cells = {t: ("", "—") for t in builds}
+            cells["wasm"] = (text, "met" if ok else "missed")
+            rows.append(("wasm no slower than the baseline build, same rounds", cells))
+    elif "wasm" in builds and not meta.get("routed") and not meta.get("model_routed"):
         b = WASM_BEFORE
         checks = []
         for cid, key, kind in (("1KB/throughput", "1KB_ratio", "ratio"), ("64KB/throughput", "64KB_ratio", "ratio"),
