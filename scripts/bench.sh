@@ -450,8 +450,7 @@ fi
 # the part that runs in a cluster's upstream filter chain (fallback).
 filter_snippet() {
     local kind=$1 manifests=$2 pad=$3 part=${4:-} name=llm-filter
-    # The wasm build tells its parts apart by root_id; the native one by where Envoy runs it.
-    [ "$part" = upstream ] && [ "$kind" = wasm ] && name=llm-filter-upstream
+    [ "$part" = upstream ] && name=llm-filter-upstream
     if [ "$kind" = wasm ]; then
         sed "s/^/$pad/" <<EOF
 - name: envoy.filters.http.wasm
@@ -475,7 +474,7 @@ EOF
 - name: envoy.filters.http.dynamic_modules
   typed_config:
     '@type': type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
-    dynamic_module_config: { name: llm_filter }
+    dynamic_module_config: { name: llm_filter, metrics_namespace: llm }
     filter_name: $name
     filter_config:
       '@type': type.googleapis.com/google.protobuf.StringValue

@@ -58,6 +58,10 @@ def num(v, unit):
     return f"{v:.1f} {unit}"
 
 
+def times(r):
+    return f"×{r:.2f}" if r >= 0.1 else f"×{r:.3f}"
+
+
 def plus(v):
     return f"{v / 1000:+.2f} ms" if abs(v) >= 10000 else f"{v:+.0f} µs"
 
@@ -275,7 +279,7 @@ def tables(cases, memory, meta, builds, budget_rows):
             text = num(v, c["unit"])
             d = c["vs_plain"].get(t)
             if d:
-                text += f" ×{d['ratio']:.2f}" if c["unit"] == "req/s" else f" ({plus(d['added'])})"
+                text += " " + times(d['ratio']) if c["unit"] == "req/s" else f" ({plus(d['added'])})"
             side = c.get("side_cpu_us", {}).get(t)
             if side is not None and meta["targets"][t] == "aigw":
                 text += f", ext_proc {side:.0f} µs of it"
@@ -305,7 +309,7 @@ def summary(cases, meta):
         cells = [c["case"], num(c["values"].get("plain"), c["unit"])]
         for t in targets:
             d = c["vs_plain"].get(t)
-            cells.append("" if not d else (f"×{d['ratio']:.2f}" if c["unit"] == "req/s" else plus(d["added"])))
+            cells.append("" if not d else (times(d['ratio']) if c["unit"] == "req/s" else plus(d["added"])))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
