@@ -59,7 +59,7 @@ def num(v, unit):
 
 
 def times(r):
-    return f"×{r:.2f}" if r >= 0.1 else f"×{r:.3f}"
+    return f"×{r:.2f}" if r >= 0.1 or r == 0 else f"×{r:.3f}"
 
 
 def plus(v):
@@ -384,7 +384,7 @@ def chart(results, path):
 
     panel(lefts[0], "Throughput, 32 connections, × plain Envoy", "× plain Envoy (higher is better)",
           tput, lambda v: v / 1.2, [0, 0.25, 0.5, 0.75, 1.0], {"1KB": 0.85, "64KB": 0.75},
-          lambda v: f"×{v:.2f}")
+          times)
     lo, hi = 1.0, 100000.0
 
     def log_scale(v):
