@@ -61,9 +61,27 @@ fn spawn(config_yaml: &str, dir: &Path) -> Child {
     spawn_with(config_yaml, dir, Launch::default())
 }
 
+/// `config_yaml` for the build under test: as given for the wasm build; for the native build
+/// (`LLM_FILTER_BUILD=native`) with the wasm filter replaced by the dynamic module (a config
+/// that is not YAML stays as it is, for Envoy to refuse).
+fn for_build(config_yaml: &str) -> String {
+    if super::native_module().is_none() {
+        return config_yaml.to_string();
+    }
+    let Ok(mut doc) = serde_yaml::from_str::<serde_yaml::Value>(config_yaml) else {
+        return config_yaml.to_string();
+    };
+    super::patch::wasm_to_native(&mut doc);
+    super::patch::render(&doc).unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn spawn_with(config_yaml: &str, dir: &Path, launch: Launch<'_>) -> Child {
     let cfg = dir.join("envoy.yaml");
-    std::fs::write(&cfg, config_yaml).expect("write envoy.yaml");
+    std::fs::write(&cfg, for_build(config_yaml)).expect("write envoy.yaml");
+    // Envoy finds lib<name>.so in this directory.
+    let search_path = super::native_module()
+        .and_then(Path::parent)
+        .map(|dir| ("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", dir.as_os_str()));
     let log = std::fs::File::create(dir.join("envoy.log")).expect("create envoy.log");
     let log2 = log.try_clone().expect("clone log handle");
     Command::new(envoy_binary())
@@ -73,6 +91,7 @@ fn spawn_with(config_yaml: &str, dir: &Path, launch: Launch<'_>) -> Child {
         .args(["--log-level", launch.log_level])
         .args(["--file-flush-interval-msec", "100"])
         .envs(launch.env.iter().copied())
+        .envs(search_path)
         .arg("--admin-address-path")
         .arg(dir.join("admin-address"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))

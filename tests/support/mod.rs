@@ -83,6 +83,48 @@ pub fn wasm() -> &'static Path {
     })
 }
 
+/// The filter build the e2e tests run, from `LLM_FILTER_BUILD`: unset or `wasm`, the .wasm
+/// ([`wasm`]); `native`, Envoy's dynamic module instead, in every Envoy the tests start
+/// (`envoy::Envoy`), loaded from `$LLM_FILTER_NATIVE`, else `target/release/libllm_filter.so`
+/// (`cargo build --release --lib`). Returns the module's path for the native build; a missing
+/// module fails the test.
+pub fn native_module() -> Option<&'static Path> {
+    static NATIVE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    NATIVE
+        .get_or_init(|| {
+            match std::env::var("LLM_FILTER_BUILD")
+                .unwrap_or_default()
+                .as_str()
+            {
+                "" | "wasm" => return None,
+                "native" => {}
+                other => panic!("LLM_FILTER_BUILD={other}: expected wasm or native"),
+            }
+            let path = match std::env::var_os("LLM_FILTER_NATIVE").filter(|p| !p.is_empty()) {
+                Some(p) => PathBuf::from(p),
+                None => Path::new(env!("CARGO_TARGET_TMPDIR"))
+                    .parent()
+                    .expect("target dir")
+                    .join("release/libllm_filter.so"),
+            };
+            let path = std::path::absolute(&path).unwrap_or(path);
+            assert!(
+                path.is_file(),
+                "LLM_FILTER_BUILD=native: the dynamic module {} does not exist (build it with \
+                 `cargo build --release --lib`, or set LLM_FILTER_NATIVE)",
+                path.display()
+            );
+            let expected = format!("lib{}.so", patch::NATIVE_MODULE);
+            assert!(
+                path.file_name().is_some_and(|n| n == expected.as_str()),
+                "LLM_FILTER_NATIVE={}: Envoy looks for {expected}",
+                path.display()
+            );
+            Some(path)
+        })
+        .as_deref()
+}
+
 /// The process-wide test PKI and its `ca.pem`.
 pub fn pki() -> &'static (TestPki, PathBuf) {
     static PKI: OnceLock<(TestPki, PathBuf)> = OnceLock::new();

@@ -14,6 +14,10 @@ use std::path::Path;
 
 /// The HTTP filter name of the llm-filter in every shipped config.
 pub const WASM_FILTER: &str = "envoy.filters.http.wasm";
+/// The HTTP filter that runs a native dynamic module (`LLM_FILTER_BUILD=native`).
+pub const NATIVE_FILTER: &str = "envoy.filters.http.dynamic_modules";
+/// The dynamic module's name: Envoy opens `libllm_filter.so`.
+pub const NATIVE_MODULE: &str = "llm_filter";
 /// The transport socket name that marks a provider (TLS-originating) cluster.
 pub const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
 
@@ -307,6 +311,64 @@ pub fn set_wasm_configuration(doc: &mut Value, value: &str) -> Result<(), String
         conf.insert("value".into(), value.into());
     }
     Ok(())
+}
+
+/// Replaces every llm-filter wasm filter in the config, wherever it is (a listener's
+/// `http_filters`, a fallback aggregate cluster's upstream `http_filters`), by the native
+/// dynamic module with the same configuration string, as `llm-filter render envoy --native`
+/// writes it: `filter_name` is the wasm root id (`llm-filter`, or `llm-filter-upstream` for the
+/// upstream part). Returns how many were replaced.
+pub fn wasm_to_native(doc: &mut Value) -> usize {
+    if let Some(native) = doc.as_mapping().and_then(native_filter_for) {
+        *doc = native;
+        return 1;
+    }
+    match doc {
+        Value::Mapping(m) => m.iter_mut().map(|(_, v)| wasm_to_native(v)).sum(),
+        Value::Sequence(s) => s.iter_mut().map(wasm_to_native).sum(),
+        _ => 0,
+    }
+}
+
+/// The native filter standing for `filter`, if it is the llm-filter's wasm filter.
+fn native_filter_for(filter: &Mapping) -> Option<Value> {
+    if filter.get("name").and_then(Value::as_str) != Some(WASM_FILTER) {
+        return None;
+    }
+    let config = filter.get("typed_config")?.get("config")?;
+    let filter_name = config
+        .get("root_id")
+        .and_then(Value::as_str)
+        .unwrap_or("llm-filter");
+    let configuration = config
+        .get("configuration")
+        .and_then(|c| c.get("value"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let mapping = |entries: Vec<(&str, Value)>| {
+        Value::Mapping(entries.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    };
+    let filter_config = mapping(vec![
+        (
+            "@type",
+            "type.googleapis.com/google.protobuf.StringValue".into(),
+        ),
+        ("value", configuration.into()),
+    ]);
+    let typed_config = mapping(vec![
+        (
+            "@type",
+            "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+                .into(),
+        ),
+        ("dynamic_module_config", mapping(vec![("name", NATIVE_MODULE.into())])),
+        ("filter_name", filter_name.into()),
+        ("filter_config", filter_config),
+    ]);
+    Some(mapping(vec![
+        ("name", NATIVE_FILTER.into()),
+        ("typed_config", typed_config),
+    ]))
 }
 
 /// Removes the wasm filter (a plain Envoy baseline with the same routes and clusters).

@@ -33,8 +33,6 @@ const WASM_FILTER: &str = "envoy.filters.http.wasm";
 const NATIVE_FILTER: &str = "envoy.filters.http.dynamic_modules";
 /// The dynamic module's name: Envoy opens `libllm_filter.so`.
 pub(crate) const NATIVE_MODULE: &str = "llm_filter";
-/// The module's metrics namespace: its series are `llm.<name>` in Envoy's stats.
-const NATIVE_METRICS_NAMESPACE: &str = "llm";
 /// The downstream filter's name (wasm: its plugin name and root id).
 const FILTER_NAME: &str = "llm-filter";
 /// The root id of the filter's upstream part (see `filter.rs`).
@@ -696,10 +694,7 @@ pub(crate) fn native_filter(filter_name: &str, configuration: &str) -> Value {
                 [
                     (
                         "dynamic_module_config",
-                        map([
-                            ("name", NATIVE_MODULE.into()),
-                            ("metrics_namespace", NATIVE_METRICS_NAMESPACE.into()),
-                        ]),
+                        map([("name", NATIVE_MODULE.into())]),
                     ),
                     ("filter_name", filter_name.into()),
                     (
@@ -1868,7 +1863,6 @@ spec:
             "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
         );
         assert_eq!(typed["dynamic_module_config"]["name"], NATIVE_MODULE);
-        assert_eq!(typed["dynamic_module_config"]["metrics_namespace"], "llm");
         assert_eq!(typed["filter_name"], FILTER_NAME);
         assert_eq!(
             typed["filter_config"]["@type"],
