@@ -167,9 +167,9 @@ impl RequestError {
             }
             RequestError::ModelRoutingUnavailable => {
                 "This route matches on the request's model, which needs the body before routing: \
-                 the gateway's Envoy must set allow_on_headers_stop_iteration: true on the wasm \
-                 filter and the filter's settings.forwardAfterBody: true (llm-filter render envoy \
-                 sets both)."
+                 the filter needs settings.forwardAfterBody: true and, in its wasm build, the \
+                 gateway's Envoy allow_on_headers_stop_iteration: true on the wasm filter \
+                 (llm-filter render envoy sets both)."
             }
             RequestError::BodyNotDelivered => {
                 "The gateway held the request headers for the body, but Envoy delivered none: \

@@ -85,9 +85,10 @@ impl Shared {
                     if policy.routes_by_model() && !policy.forward_after_body {
                         error!(
                             "llm-filter: a route matches on the request's model, but the headers \
-                             cannot wait for the body: set allow_on_headers_stop_iteration: true \
-                             on the wasm filter and settings.forwardAfterBody: true (llm-filter \
-                             render envoy sets both); such requests get a 500 until then"
+                             cannot wait for the body: set settings.forwardAfterBody: true and, \
+                             for the wasm build, allow_on_headers_stop_iteration: true on its \
+                             Envoy filter (llm-filter render envoy sets both); such requests get \
+                             a 500 until then"
                         );
                     }
                 }
