@@ -643,6 +643,20 @@ async fn falls_back(
     moon: &MockServer,
     cluster: &str,
 ) {
+    falls_back_logging(mesh, proxy, host, dash, moon, cluster, "moonshot").await;
+}
+
+/// [`falls_back`], the access log naming `provider` (the native module keeps the provider the
+/// request was routed to: docs/native.md).
+async fn falls_back_logging(
+    mesh: &Mesh,
+    proxy: Proxy,
+    host: &str,
+    dash: Option<&MockServer>,
+    moon: &MockServer,
+    cluster: &str,
+    provider: &str,
+) {
     moon.clear();
     if let Some(dash) = dash {
         dash.clear();
@@ -663,7 +677,10 @@ async fn falls_back(
     assert_eq!(answered.len(), 1, "{answered:#?}");
     assert_moonshot_attempt(&answered[0]);
     mesh.assert_logged(proxy, &format!("cluster={cluster} upstream="));
-    mesh.assert_logged(proxy, "provider=moonshot attempts=dashscope-qwen,moonshot");
+    mesh.assert_logged(
+        proxy,
+        &format!("provider={provider} attempts=dashscope-qwen,moonshot"),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -772,6 +789,69 @@ async fn fallback_and_model_routing_work_in_their_envoy_filter_forms() {
     )
     .await;
     mesh.assert_no_wasm_failures();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_and_model_routing_run_the_native_module_downstream_and_upstream() {
+    let dash = MockServer::start_tls(&pki().0).expect("mock provider");
+    let moon = MockServer::start_tls(&pki().0).expect("mock provider");
+    let mesh = Mesh::builder("native-fallback")
+        .manifests(FALLBACK_MANIFESTS)
+        .shipped_istio("ingress-gw.yaml")
+        .provider(DASHSCOPE, dash.addr())
+        .provider(MOONSHOT, moon.addr())
+        .native()
+        .up();
+    assert_native_filter(&mesh, Proxy::Sidecar, 80);
+    assert_native_filter(&mesh, Proxy::Gateway, mesh.gateway.port());
+
+    // A 503 from DashScope falls back to Moonshot through the aggregate cluster, whose upstream
+    // part (the module again) rewrites each attempt for its provider, on both proxies.
+    dash.set_behavior(Behavior {
+        fixed_for_sni: vec![fallback::fail(DASHSCOPE, 503, "dashscope is down")],
+        ..Behavior::default()
+    });
+    for (proxy, host, route) in [
+        (Proxy::Sidecar, "test.com", "ha-route"),
+        (Proxy::Gateway, "assistants.chat.example.com", "edge-route"),
+    ] {
+        falls_back_logging(
+            &mesh,
+            proxy,
+            host,
+            Some(&dash),
+            &moon,
+            &format!("llm-fallback|default.{route}.0|dashscope.aliyuncs.com"),
+            "dashscope-qwen",
+        )
+        .await;
+    }
+    dash.set_behavior(Behavior::default());
+
+    // Routing on the body's model: the module holds the headers until the body.
+    dash.clear();
+    moon.clear();
+    let body = r#"{"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "hi"}]}"#;
+    let resp = send(mesh.sidecar, &Req::chat("models.example.com", body)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(moon.requests().len(), 1);
+    assert_call(
+        &moon.requests()[0],
+        MOONSHOT,
+        MOONSHOT_PATH,
+        "moonshot-v1-8k",
+        KEY_B,
+    );
+    let resp = send(mesh.sidecar, &Req::chat("models.example.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(dash.requests().len(), 1);
+    assert_call(
+        &dash.requests()[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-turbo",
+        KEY_A,
+    );
 }
 
 /// Providers of seed 001 and one route for demo-llm-server to `provider`.

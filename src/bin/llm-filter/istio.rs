@@ -1857,6 +1857,83 @@ spec:
         );
     }
 
+    fn native_documents(text: &str) -> Vec<serde_yaml::Value> {
+        let options = IstioOptions {
+            native: true,
+            wasm_url: String::new(),
+            ..IstioOptions::default()
+        };
+        serde_yaml::Deserializer::from_str(&render(&config(text), &options).unwrap())
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn native_inserts_the_dynamic_module_before_the_router_and_no_wasm_plugin() {
+        let docs = native_documents(&provider("a", "default", "a.example", "app: x"));
+        assert!(of_kind(&docs, "WasmPlugin").is_empty());
+        let filters = of_kind(&docs, "EnvoyFilter");
+        assert_eq!(filters.len(), 1);
+        assert_eq!(filters[0]["spec"]["workloadSelector"]["labels"]["app"], "x");
+        for context in ["SIDECAR_OUTBOUND", "GATEWAY"] {
+            let patch = patches(filters[0])
+                .into_iter()
+                .find(|p| p["match"]["context"] == context)
+                .unwrap();
+            assert_eq!(patch["applyTo"], "HTTP_FILTER");
+            assert_eq!(patch["patch"]["operation"], "INSERT_BEFORE");
+            assert_eq!(
+                patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"],
+                "envoy.filters.http.router"
+            );
+            let filter = &patch["patch"]["value"];
+            assert_eq!(filter["name"], "envoy.filters.http.dynamic_modules");
+            let typed = &filter["typed_config"];
+            assert_eq!(typed["dynamic_module_config"]["name"], "llm_filter");
+            assert_eq!(typed["dynamic_module_config"]["metrics_namespace"], "llm");
+            assert_eq!(typed["filter_name"], PLUGIN_NAME);
+            let text = typed["filter_config"]["value"].as_str().unwrap();
+            let embedded = FilterConfig::parse(text).unwrap();
+            assert!(embedded.settings.forward_after_body);
+            llm_filter::policy::Policy::from_text(text).unwrap();
+        }
+        // The ServiceEntry and DestinationRule do not depend on the build.
+        let wasm = documents(&provider("a", "default", "a.example", "app: x"));
+        for kind in ["ServiceEntry", "DestinationRule"] {
+            assert_eq!(of_kind(&docs, kind), of_kind(&wasm, kind));
+        }
+    }
+
+    #[test]
+    fn native_fallback_runs_the_module_upstream_on_the_aggregate_clusters() {
+        let docs = native_documents(&fallback_manifests("app: x", ""));
+        assert!(of_kind(&docs, "WasmPlugin").is_empty());
+        let filters = of_kind(&docs, "EnvoyFilter");
+        assert_eq!(filters.len(), 2);
+        let fallback = filters
+            .iter()
+            .find(|f| {
+                f["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-fallback"))
+            })
+            .unwrap();
+        let clusters = values(fallback, "CLUSTER", "SIDECAR_OUTBOUND");
+        let aggregate = clusters
+            .iter()
+            .find(|c| c["name"].as_str().unwrap().starts_with("llm-fallback|"))
+            .unwrap();
+        let upstream = &aggregate["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0];
+        assert_eq!(upstream["name"], "envoy.filters.http.dynamic_modules");
+        assert_eq!(
+            upstream["typed_config"]["filter_name"],
+            crate::envoy::UPSTREAM_ROOT_ID
+        );
+        let rendered = serde_yaml::to_string(&docs).unwrap();
+        assert!(!rendered.contains(MOUNTED_WASM), "{rendered}");
+    }
+
     #[test]
     fn without_fallback_there_is_no_fallback_envoy_filter() {
         let text = provider("a", "default", "a.example", "")
