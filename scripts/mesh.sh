@@ -6,7 +6,7 @@
 #
 #   scripts/mesh.sh up [--manifests FILE] [--istio FILE]... [--provider HOST=IP:PORT]...
 #                      [--provider-ca PEM] [--ratelimit IP:PORT [--ratelimit-failure open|closed]]
-#                      [--work DIR]
+#                      [--native] [--work DIR]
 #   scripts/mesh.sh reload [--work DIR]   render the same manifests again and push the change
 #   scripts/mesh.sh down [--work DIR]     stop everything `up` started
 #   scripts/mesh.sh build                 build the discovery server only; print its path
@@ -37,11 +37,17 @@
 #                     through the same --endpoint override as the providers. Without it,
 #                     manifests with budgets are refused.
 #   --ratelimit-failure open|closed  passed on to `render istio` (default open).
+#   --native          the filter as Envoy's native dynamic module: every file is rendered with
+#                     `render istio --native` (EnvoyFilters inserting the module, no WasmPlugin),
+#                     and the proxies run with the release libllm_filter.so mounted at
+#                     /var/local/lib/llm-filter/ and ENVOY_DYNAMIC_MODULES_SEARCH_PATH naming that
+#                     directory, what docs/native.md's pod annotations (a volume mount and
+#                     proxyMetadata) give a sidecar or gateway in a cluster.
 #   --work DIR        where state, logs and configs go (default: .work/mesh).
 #
 # It starts the discovery server, the sidecar (namespace default, labels app=sleep) and the
 # gateway (namespace istio-system, labels istio=ingressgateway), waits until both proxies have
-# warmed their listeners and accepted their ECDS filters, and prints exactly these lines on
+# warmed their listeners and accepted their ECDS filters (if any), and prints exactly these lines on
 # stdout (everything else goes to stderr):
 #   sidecar=IP:PORT  gateway=IP:PORT  sidecar_admin=IP:PORT  gateway_admin=IP:PORT  xds=IP:PORT
 # It exits non-zero, naming the object and the reason, when Istio's validation refuses an object
@@ -54,14 +60,16 @@
 # the translation a real install's gateway Service makes from 80 to 8080), and with --ratelimit
 # the rate limit service's ServiceEntry. The proxies run in
 # their own mount namespace with the release .wasm at /var/local/lib/wasm/llm_filter.wasm, where
-# the EnvoyFilter form expects the mounted module, and the OS bundle plus --provider-ca at
+# the EnvoyFilter form expects the mounted module (with --native: the release libllm_filter.so in
+# /var/local/lib/llm-filter/), and the OS bundle plus --provider-ca at
 # /etc/ssl/certs/ca-certificates.crt. Provider hosts reach --provider addresses
 # through the discovery server's --endpoint override (see tests/istiod/endpoints.go).
 #
 # The seeds' key variables (DASHSCOPE_API_KEY, DASHSCOPE_VIP_API_KEY, MOONSHOT_API_KEY,
 # DASHSCOPE_GATEWAY_API_KEY) default to the demo keys of scripts/render-configs.sh.
-# LLM_FILTER_WASM, LLM_FILTER_BIN and LLM_ISTIOD name prebuilt files (the release .wasm, the
-# llm-filter CLI, the discovery server) instead of building them.
+# LLM_FILTER_WASM, LLM_FILTER_NATIVE, LLM_FILTER_BIN and LLM_ISTIOD name prebuilt files (the
+# release .wasm, the release libllm_filter.so, the llm-filter CLI, the discovery server) instead
+# of building them.
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -72,22 +80,33 @@ usage() { sed -n '2,/^# shellcheck/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\
 
 # The module path the EnvoyFilter form loads (src/bin/llm-filter/istio.rs MOUNTED_WASM).
 MOUNTED_WASM=/var/local/lib/wasm/llm_filter.wasm
+# Where --native mounts the dynamic module (istio.rs MOUNTED_NATIVE_DIR), the proxies'
+# ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
+MOUNTED_NATIVE_DIR=/var/local/lib/llm-filter
 OS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 # The rate limit service as the mesh names it (envoyproxy/ratelimit's gRPC port); see --ratelimit.
 RATELIMIT_HOST=ratelimit.istio-system.svc.cluster.local
 RATELIMIT_PORT=8081
 
-# _proxy MESH NAME WASM ENVOY (internal): Envoy in a mount namespace of its own with the
-# module mounted where the EnvoyFilter form expects it and MESH/root/ca-bundle.pem as its OS CA
+# _proxy MESH NAME MODULE ENVOY (internal): Envoy in a mount namespace of its own with the
+# module mounted where the EnvoyFilter form expects it (a .so: in MOUNTED_NATIVE_DIR, which
+# ENVOY_DYNAMIC_MODULES_SEARCH_PATH then names) and MESH/root/ca-bundle.pem as its OS CA
 # bundle; working directory MESH/root (the SDS socket's relative path is istio-agent's).
 run_proxy() {
-    local mesh=$1 name=$2 wasm=$3 envoy=$4
+    local mesh=$1 name=$2 module=$3 envoy=$4 target=$MOUNTED_WASM
     [ -d /var/local ] || mkdir -p /var/local
     [ -f "$OS_CA_BUNDLE" ] || die "$OS_CA_BUNDLE is missing (apt-get install ca-certificates)"
+    case $module in
+    *.so)
+        target=$MOUNTED_NATIVE_DIR/$(basename "$module")
+        export ENVOY_DYNAMIC_MODULES_SEARCH_PATH=$MOUNTED_NATIVE_DIR
+        ;;
+    *) unset ENVOY_DYNAMIC_MODULES_SEARCH_PATH ;;
+    esac
     # shellcheck disable=SC2016 # the inner bash expands them
     exec unshare --mount --propagation private bash -c '
         set -e
-        mount -t tmpfs -o size=16m llm-filter-wasm /var/local
+        mount -t tmpfs -o size=16m llm-filter-module /var/local
         mkdir -p "$(dirname "$5")"
         : >"$5"
         mount --bind "$3" "$5"
@@ -95,7 +114,7 @@ run_proxy() {
         cd "$1/root"
         exec "$4" -c "$1/$2.json" --concurrency 1 --use-dynamic-base-id \
             --admin-address-path "$1/$2.admin" --file-flush-interval-msec 100 --log-level info
-    ' mesh-proxy "$mesh" "$name" "$wasm" "$envoy" "$MOUNTED_WASM" "$OS_CA_BUNDLE"
+    ' mesh-proxy "$mesh" "$name" "$module" "$envoy" "$target" "$OS_CA_BUNDLE"
 }
 
 COMMAND=${1:-}
@@ -110,6 +129,7 @@ PROVIDERS=()
 PROVIDER_CA=""
 RATELIMIT=""
 RATELIMIT_FAILURE=""
+NATIVE=""
 while [ $# -gt 0 ]; do
     case $1 in
     --manifests | --istio | --provider | --provider-ca | --ratelimit | --ratelimit-failure | --work)
@@ -124,6 +144,10 @@ while [ $# -gt 0 ]; do
         --work) MESH=$2 ;;
         esac
         shift 2
+        ;;
+    --native)
+        NATIVE=1
+        shift
         ;;
     -h | --help)
         usage
@@ -192,16 +216,17 @@ wait_file() {
 
 # render_all: each manifest file through `render istio` into $MESH/config/rendered-N.yaml.
 render_all() {
-    local i=0 f out flags=()
+    local i=0 f out flags=(--wasm-url "file://$WASM")
+    [ -z "$NATIVE" ] || flags=(--native)
     RENDERED=()
     if [ -n "$RATELIMIT" ]; then
-        flags=(--ratelimit "$RATELIMIT_HOST:$RATELIMIT_PORT")
+        flags+=(--ratelimit "$RATELIMIT_HOST:$RATELIMIT_PORT")
         [ -z "$RATELIMIT_FAILURE" ] || flags+=(--ratelimit-failure "$RATELIMIT_FAILURE")
     fi
     for f in "${MANIFEST_FILES[@]}"; do
         i=$((i + 1))
         out=$MESH/config/rendered-$i-$(basename "$f")
-        if ! "$LLM_FILTER" render istio "$f" --wasm-url "file://$WASM" "${flags[@]}" >"$out.tmp"; then
+        if ! "$LLM_FILTER" render istio "$f" "${flags[@]}" >"$out.tmp"; then
             rm -f "$out.tmp"
             printf 'llm-filter render istio %s failed (above)\n' "$f" >&2
             return 1
@@ -217,17 +242,32 @@ export DASHSCOPE_VIP_API_KEY=${DASHSCOPE_VIP_API_KEY:-sk-demo-dashscope-vip}
 export MOONSHOT_API_KEY=${MOONSHOT_API_KEY:-sk-demo-moonshot}
 export DASHSCOPE_GATEWAY_API_KEY=${DASHSCOPE_GATEWAY_API_KEY:-sk-demo-dashscope-gateway}
 
-# tools: the release .wasm, the CLI and the discovery server (built unless given).
+# tools: the release .wasm (with --native the release .so), the CLI and the discovery server
+# (built unless given). MODULE: the file the proxies mount.
 tools() {
-    if [ -n "${LLM_FILTER_WASM:-}" ]; then
+    if [ -n "$NATIVE" ]; then
+        if [ -n "${LLM_FILTER_NATIVE:-}" ]; then
+            MODULE=$LLM_FILTER_NATIVE
+        else
+            ensure_toolchain
+            cargo build --release --lib --features native || die "the dynamic module does not build"
+            MODULE=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/libllm_filter.so
+        fi
+        [ -f "$MODULE" ] || die "no dynamic module at $MODULE"
+        MODULE=$(cd "$(dirname "$MODULE")" && pwd)/$(basename "$MODULE")
+        WASM=""
+    elif [ -n "${LLM_FILTER_WASM:-}" ]; then
         WASM=$LLM_FILTER_WASM
     else
         ensure_toolchain
         build_wasm
         WASM=$REPO_ROOT/$WASM_OUT
     fi
-    [ -f "$WASM" ] || die "no filter module at $WASM"
-    WASM=$(cd "$(dirname "$WASM")" && pwd)/$(basename "$WASM")
+    if [ -z "$NATIVE" ]; then
+        [ -f "$WASM" ] || die "no filter module at $WASM"
+        WASM=$(cd "$(dirname "$WASM")" && pwd)/$(basename "$WASM")
+        MODULE=$WASM
+    fi
     if [ -n "${LLM_FILTER_BIN:-}" ]; then
         LLM_FILTER=$LLM_FILTER_BIN
     else
@@ -327,7 +367,7 @@ proxy() {
         --sds "$SDS_SOCKET" >"$MESH/$name.json" ||
         die "bootstrap of the $name failed"
     rm -f "$MESH/$name.admin"
-    start "$name" "$MESH/$name.log" bash "$REPO_ROOT/scripts/mesh.sh" _proxy "$MESH" "$name" "$WASM" "$ENVOY"
+    start "$name" "$MESH/$name.log" bash "$REPO_ROOT/scripts/mesh.sh" _proxy "$MESH" "$name" "$MODULE" "$ENVOY"
 }
 
 up() {
@@ -440,7 +480,7 @@ up() {
     {
         printf 'MANIFEST_FILES=(%s)\n' "$(printf '%q ' "${MANIFEST_FILES[@]}")"
         printf 'LLM_FILTER=%q\nWASM=%q\nISTIOD_ADMIN=%q\n' "$LLM_FILTER" "$WASM" "$ISTIOD_ADMIN"
-        printf 'RATELIMIT=%q\nRATELIMIT_FAILURE=%q\n' "$RATELIMIT" "$RATELIMIT_FAILURE"
+        printf 'RATELIMIT=%q\nRATELIMIT_FAILURE=%q\nNATIVE=%q\n' "$RATELIMIT" "$RATELIMIT_FAILURE" "$NATIVE"
     } >"$STATE"
     ok "local mesh up (istiod log: $MESH/istiod.log; proxies: $MESH/sidecar.log, $MESH/gateway.log)"
     printf 'sidecar=%s:80\ngateway=127.0.0.1:%s\nsidecar_admin=%s\ngateway_admin=%s\nxds=%s\n' \

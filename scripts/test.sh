@@ -88,7 +88,8 @@ e2e_tests() {
 
 # The dynamic module: every e2e test that starts Envoy from a bootstrap again, with
 # LLM_FILTER_BUILD=native (tests/support/native.rs swaps each wasm filter for the module, same
-# configuration). e2e_istio gets its filter from istiod, which only knows WasmPlugins.
+# configuration). e2e_istio gets its filter from istiod and runs the module's own form
+# (`render istio --native`, scripts/mesh.sh up --native) in the first pass, after build_native.
 native_e2e_tests() {
     local args=() f name rc=0
     for f in tests/e2e_*.rs; do

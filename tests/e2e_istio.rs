@@ -59,6 +59,19 @@ fn assert_call(r: &Recorded, host: &str, path: &str, model: &str, key: &str) {
 /// The HTTP filters of the proxy's listener on `port`, in order: (name, whether it comes over
 /// ECDS).
 fn http_filters(mesh: &Mesh, proxy: Proxy, port: u16) -> Vec<(String, bool)> {
+    listener_http_filters(mesh, proxy, port)
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap().to_string(),
+                f.get("config_discovery").is_some(),
+            )
+        })
+        .collect()
+}
+
+/// The HTTP filters of the proxy's listener on `port`, in order, as Envoy holds them.
+fn listener_http_filters(mesh: &Mesh, proxy: Proxy, port: u16) -> Vec<Value> {
     let dump = mesh.config_dump(proxy, "?resource=dynamic_listeners");
     let listener = dump["configs"]
         .as_array()
@@ -77,14 +90,7 @@ fn http_filters(mesh: &Mesh, proxy: Proxy, port: u16) -> Vec<(String, bool)> {
     hcm["typed_config"]["http_filters"]
         .as_array()
         .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["name"].as_str().unwrap().to_string(),
-                f.get("config_discovery").is_some(),
-            )
-        })
-        .collect()
+        .clone()
 }
 
 /// The ECDS filter named `name` the proxy received: it is the llm-filter module from the
@@ -291,6 +297,166 @@ async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
     mesh.assert_no_wasm_failures();
 }
 
+/// The dynamic module filter istiod put into a proxy's listener on `port` from `render istio
+/// --native`'s EnvoyFilter: just before the router (after Istio's RBAC filter, where there is
+/// one), not over ECDS, loading `libllm_filter.so` with a configuration the filter accepts.
+fn assert_native_filter(mesh: &Mesh, proxy: Proxy, port: u16) -> llm_filter::policy::Policy {
+    let filters = listener_http_filters(mesh, proxy, port);
+    let names: Vec<&str> = filters
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names[names.len() - 2..],
+        [
+            "envoy.filters.http.dynamic_modules",
+            "envoy.filters.http.router"
+        ],
+        "{}: {names:?}",
+        proxy.name()
+    );
+    assert!(
+        !names.iter().any(|n| n.contains("llm-filter")),
+        "{}: a WasmPlugin's filter too: {names:?}",
+        proxy.name()
+    );
+    if let Some(rbac) = names.iter().position(|n| *n == "envoy.filters.http.rbac") {
+        assert!(rbac < names.len() - 2, "{}: {names:?}", proxy.name());
+    }
+    let filter = &filters[names.len() - 2];
+    assert!(filter.get("config_discovery").is_none(), "{filter:#}");
+    let config = &filter["typed_config"];
+    assert_eq!(
+        config["@type"],
+        "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+    );
+    assert_eq!(config["dynamic_module_config"]["name"], "llm_filter");
+    assert_eq!(config["dynamic_module_config"]["metrics_namespace"], "llm");
+    assert_eq!(config["filter_name"], native::FILTER_NAME);
+    let configuration = config["filter_config"]["value"].as_str().unwrap();
+    llm_filter::policy::Policy::from_text(configuration).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_run_the_native_module_from_an_envoy_filter_on_a_sidecar_and_a_gateway() {
+    let mock = MockServer::start_tls(&pki().0).expect("mock provider");
+    let policy = seed_authorization_policy("127.0.0.2");
+    let mesh = Mesh::builder("native-seeds")
+        .shipped_manifests("mesh.yaml")
+        .shipped_manifests("gateway.yaml")
+        .shipped_istio("ingress-gw.yaml")
+        .shipped_istio("demo-llm-server.yaml")
+        .istio(&policy)
+        .provider(DASHSCOPE, mock.addr())
+        .provider(MOONSHOT, mock.addr())
+        .native()
+        .up();
+
+    // Where istiod put the EnvoyFilters' filter; no WasmPlugin, so nothing over ECDS.
+    assert_native_filter(&mesh, Proxy::Sidecar, 80);
+    assert_native_filter(&mesh, Proxy::Gateway, mesh.gateway.port());
+    for proxy in [Proxy::Sidecar, Proxy::Gateway] {
+        // Envoy answers 404 for a resource type it holds none of.
+        let (status, body) =
+            support::admin::admin_get(mesh.admin(proxy), "/config_dump?resource=ecds_filters")
+                .unwrap();
+        assert_eq!(status, 404, "{}: {body}", proxy.name());
+        assert!(body.contains("ecds_filters not found"), "{body}");
+    }
+
+    // Seed 001 on the sidecar: a direct call, the subscriber rule, and the 50/50 split.
+    let resp = send(mesh.sidecar, &Req::chat(DASHSCOPE, SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["model"], "qwen1.5-72b-chat");
+    let req = Req::chat(DASHSCOPE, SEED_BODY).header("user-type", "subscriber");
+    let resp = send_h2(mesh.sidecar, &req).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["model"], "qwen-turbo");
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_call(
+        &seen[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen1.5-72b-chat",
+        KEY_DASHSCOPE,
+    );
+    assert_call(
+        &seen[1],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-turbo",
+        KEY_DASHSCOPE_VIP,
+    );
+    mock.clear();
+    for _ in 0..40 {
+        let resp = send(mesh.sidecar, &Req::chat("demo-llm-server", SEED_BODY)).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 40);
+    for r in &seen {
+        if r.sni.as_deref() == Some(DASHSCOPE) {
+            assert_call(
+                r,
+                DASHSCOPE,
+                DASHSCOPE_PATH,
+                "qwen1.5-72b-chat",
+                KEY_DASHSCOPE,
+            );
+        } else {
+            assert_call(r, MOONSHOT, MOONSHOT_PATH, "moonshot-v1-8k", KEY_MOONSHOT);
+        }
+    }
+    // Binomial(40, 0.5): all 40 to one provider with a probability below 1e-11.
+    let dashscope = seen
+        .iter()
+        .filter(|r| r.sni.as_deref() == Some(DASHSCOPE))
+        .count();
+    assert!(
+        (1..40).contains(&dashscope),
+        "{dashscope} of 40 to DashScope"
+    );
+
+    // Seed 000 on the gateway: test.com reaches DashScope as qwen-1.8b-chat with the gateway key.
+    mock.clear();
+    let resp = send(mesh.gateway, &Req::chat("test.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["model"], "qwen-1.8b-chat");
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert_call(
+        &seen[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-1.8b-chat",
+        KEY_GATEWAY,
+    );
+
+    // The seed's AuthorizationPolicy refuses the denied client before the module runs.
+    mock.clear();
+    let denied = Req::chat("test.com", SEED_BODY).bind_source(DENIED);
+    let resp = send(mesh.gateway, &denied).await;
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    assert_eq!(resp.text(), "RBAC: access denied");
+    assert!(mock.all_requests().is_empty(), "{:#?}", mock.all_requests());
+
+    // The module counted the requests it routed, under its metrics namespace.
+    for (proxy, expected) in [(Proxy::Sidecar, 42), (Proxy::Gateway, 1)] {
+        let (_, body) =
+            support::admin::admin_get(mesh.admin(proxy), "/stats?filter=^llm\\.").unwrap();
+        let total: u64 = body
+            .lines()
+            .filter(|l| l.starts_with("llm.requests_total"))
+            .filter_map(|l| {
+                l.rsplit_once(": ")
+                    .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+            })
+            .sum();
+        assert_eq!(total, expected, "{}: {body}", proxy.name());
+    }
+}
+
 /// RequestAuthentication for the demo issuer and an AuthorizationPolicy that lets only requests
 /// with a valid JWT reach test.com on the gateway (the seed's "JWT" security option).
 fn jwt_policies() -> String {
@@ -477,6 +643,20 @@ async fn falls_back(
     moon: &MockServer,
     cluster: &str,
 ) {
+    falls_back_logging(mesh, proxy, host, dash, moon, cluster, "moonshot").await;
+}
+
+/// [`falls_back`], the access log naming `provider` (the native module keeps the provider the
+/// request was routed to: docs/native.md).
+async fn falls_back_logging(
+    mesh: &Mesh,
+    proxy: Proxy,
+    host: &str,
+    dash: Option<&MockServer>,
+    moon: &MockServer,
+    cluster: &str,
+    provider: &str,
+) {
     moon.clear();
     if let Some(dash) = dash {
         dash.clear();
@@ -497,7 +677,10 @@ async fn falls_back(
     assert_eq!(answered.len(), 1, "{answered:#?}");
     assert_moonshot_attempt(&answered[0]);
     mesh.assert_logged(proxy, &format!("cluster={cluster} upstream="));
-    mesh.assert_logged(proxy, "provider=moonshot attempts=dashscope-qwen,moonshot");
+    mesh.assert_logged(
+        proxy,
+        &format!("provider={provider} attempts=dashscope-qwen,moonshot"),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -606,6 +789,69 @@ async fn fallback_and_model_routing_work_in_their_envoy_filter_forms() {
     )
     .await;
     mesh.assert_no_wasm_failures();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_and_model_routing_run_the_native_module_downstream_and_upstream() {
+    let dash = MockServer::start_tls(&pki().0).expect("mock provider");
+    let moon = MockServer::start_tls(&pki().0).expect("mock provider");
+    let mesh = Mesh::builder("native-fallback")
+        .manifests(FALLBACK_MANIFESTS)
+        .shipped_istio("ingress-gw.yaml")
+        .provider(DASHSCOPE, dash.addr())
+        .provider(MOONSHOT, moon.addr())
+        .native()
+        .up();
+    assert_native_filter(&mesh, Proxy::Sidecar, 80);
+    assert_native_filter(&mesh, Proxy::Gateway, mesh.gateway.port());
+
+    // A 503 from DashScope falls back to Moonshot through the aggregate cluster, whose upstream
+    // part (the module again) rewrites each attempt for its provider, on both proxies.
+    dash.set_behavior(Behavior {
+        fixed_for_sni: vec![fallback::fail(DASHSCOPE, 503, "dashscope is down")],
+        ..Behavior::default()
+    });
+    for (proxy, host, route) in [
+        (Proxy::Sidecar, "test.com", "ha-route"),
+        (Proxy::Gateway, "assistants.chat.example.com", "edge-route"),
+    ] {
+        falls_back_logging(
+            &mesh,
+            proxy,
+            host,
+            Some(&dash),
+            &moon,
+            &format!("llm-fallback|default.{route}.0|dashscope.aliyuncs.com"),
+            "dashscope-qwen",
+        )
+        .await;
+    }
+    dash.set_behavior(Behavior::default());
+
+    // Routing on the body's model: the module holds the headers until the body.
+    dash.clear();
+    moon.clear();
+    let body = r#"{"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "hi"}]}"#;
+    let resp = send(mesh.sidecar, &Req::chat("models.example.com", body)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(moon.requests().len(), 1);
+    assert_call(
+        &moon.requests()[0],
+        MOONSHOT,
+        MOONSHOT_PATH,
+        "moonshot-v1-8k",
+        KEY_B,
+    );
+    let resp = send(mesh.sidecar, &Req::chat("models.example.com", SEED_BODY)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(dash.requests().len(), 1);
+    assert_call(
+        &dash.requests()[0],
+        DASHSCOPE,
+        DASHSCOPE_PATH,
+        "qwen-turbo",
+        KEY_A,
+    );
 }
 
 /// Providers of seed 001 and one route for demo-llm-server to `provider`.

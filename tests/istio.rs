@@ -290,10 +290,17 @@ spec:
 
 /// `render istio` of manifests given as text.
 fn render_istio_text(label: &str, manifests: &str) -> Vec<Value> {
+    render_istio_text_with(label, manifests, &[])
+}
+
+/// `render istio FLAGS` of manifests given as text.
+fn render_istio_text_with(label: &str, manifests: &str, flags: &[&str]) -> Vec<Value> {
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("istio-{label}-{}.yaml", std::process::id()));
     std::fs::write(&path, manifests).unwrap();
-    let out = llm_filter(&["render", "istio", path.to_str().unwrap()]);
+    let mut args = vec!["render", "istio", path.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    let out = llm_filter(&args);
     let _ = std::fs::remove_file(&path);
     documents(&out)
 }
@@ -396,6 +403,33 @@ fn rendered_envoy_filters_pass_istios_envoy_filter_schema() {
             "the schema accepts: {what}"
         );
     }
+}
+
+#[test]
+fn the_native_forms_envoy_filters_pass_istios_envoy_filter_schema() {
+    let schema = envoy_filter_schema();
+    let docs = render_istio_text_with("native", ENVOY_FILTER_MANIFESTS, &["--native"]);
+    assert!(of_kind(&docs, "WasmPlugin").is_empty());
+    let filters = of_kind(&docs, "EnvoyFilter");
+    assert_eq!(
+        qualified_names(&filters),
+        [
+            "default/llm-filter",
+            "default/llm-filter-fallback",
+            "istio-system/llm-filter-ingressgateway",
+            "istio-system/llm-filter-ingressgateway-fallback",
+        ]
+    );
+    for filter in &filters {
+        assert_eq!(
+            spec_errors(&schema, filter),
+            Vec::<String>::new(),
+            "{}",
+            filter["metadata"]["name"]
+        );
+    }
+    let inserted = &filters[0]["spec"]["configPatches"][0]["patch"]["value"];
+    assert_eq!(inserted["name"], "envoy.filters.http.dynamic_modules");
 }
 
 /// A route with a budget, on a gateway and in the mesh.

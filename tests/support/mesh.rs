@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::admin::admin_get;
-use super::{envoy, pki, repo, wasm};
+use super::{envoy, native, pki, repo, wasm};
 
 /// `scripts/mesh.sh build`, once per process: the discovery server's path. No Go or a failing
 /// build fails the test.
@@ -77,6 +77,7 @@ pub struct MeshBuilder {
     istio: Vec<String>,
     providers: Vec<(String, SocketAddr)>,
     ratelimit: Option<SocketAddr>,
+    native: bool,
 }
 
 impl Mesh {
@@ -88,6 +89,7 @@ impl Mesh {
             istio: Vec::new(),
             providers: Vec::new(),
             ratelimit: None,
+            native: false,
         }
     }
 
@@ -187,7 +189,17 @@ impl Drop for Mesh {
 
 /// `scripts/mesh.sh ARGS` with the prebuilt wasm, CLI and discovery server.
 fn mesh_sh(args: &[&str]) -> std::process::Output {
-    Command::new("bash")
+    mesh_sh_with(args, false)
+}
+
+/// [`mesh_sh`], with `native` also the release dynamic module (built if need be:
+/// [`native::module`]).
+fn mesh_sh_with(args: &[&str], native: bool) -> std::process::Output {
+    let mut command = Command::new("bash");
+    if native {
+        command.env("LLM_FILTER_NATIVE", native::module());
+    }
+    command
         .arg(repo().join("scripts/mesh.sh"))
         .args(args)
         .env("LLM_FILTER_WASM", wasm())
@@ -240,6 +252,13 @@ impl MeshBuilder {
         self
     }
 
+    /// The filter as the native dynamic module (`--native`): `render istio --native`'s
+    /// EnvoyFilters, the release `libllm_filter.so` mounted into the proxies.
+    pub fn native(mut self) -> MeshBuilder {
+        self.native = true;
+        self
+    }
+
     /// `scripts/mesh.sh up`; panics with its output if it fails.
     pub fn up(self) -> Mesh {
         self.try_up()
@@ -281,8 +300,11 @@ impl MeshBuilder {
         if let Some(addr) = self.ratelimit {
             args.extend(["--ratelimit".into(), addr.to_string()]);
         }
+        if self.native {
+            args.push("--native".into());
+        }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = mesh_sh(&refs);
+        let out = mesh_sh_with(&refs, self.native);
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         if !out.status.success() {

@@ -215,6 +215,10 @@ pub struct IstioArgs {
     /// Where Istio pulls the filter from (oci://, https:// or file://)
     #[arg(long, value_name = "URL", default_value = DEFAULT_WASM_URL)]
     pub wasm_url: String,
+    /// Load the filter as Envoy's native dynamic module (libllm_filter.so mounted into the
+    /// proxy, found through ENVOY_DYNAMIC_MODULES_SEARCH_PATH): EnvoyFilters, no WasmPlugin
+    #[arg(long, conflicts_with = "wasm_url")]
+    pub native: bool,
     #[command(flatten)]
     pub ratelimit: RateLimitFlags,
 }
@@ -257,6 +261,8 @@ impl Default for EnvoyOptions {
 pub struct IstioOptions {
     /// Where Istio pulls the module from (`oci://...`, `https://...` or `file://...`).
     pub wasm_url: String,
+    /// `--native`: the dynamic module through EnvoyFilters instead of the WasmPlugin.
+    pub native: bool,
     /// `--ratelimit HOST:PORT`: the rate limit service, a service of the mesh.
     pub ratelimit: Option<RateLimitService>,
 }
@@ -265,6 +271,7 @@ impl Default for IstioOptions {
     fn default() -> Self {
         IstioOptions {
             wasm_url: DEFAULT_WASM_URL.to_string(),
+            native: false,
             ratelimit: None,
         }
     }

@@ -38,7 +38,7 @@ pub(crate) const NATIVE_METRICS_NAMESPACE: &str = "llm";
 /// The downstream filter's name (wasm: its plugin name and root id).
 const FILTER_NAME: &str = "llm-filter";
 /// The root id of the filter's upstream part (see `filter.rs`).
-const UPSTREAM_ROOT_ID: &str = "llm-filter-upstream";
+pub(crate) const UPSTREAM_ROOT_ID: &str = "llm-filter-upstream";
 const ROUTER: &str = "envoy.filters.http.router";
 const CATCH_ALL: &str = "everything-else";
 const ACCESS_LOG_FORMAT: &str =

@@ -15,6 +15,9 @@
 //!   own provider clusters, the aggregate clusters with the filter's upstream part, and the
 //!   header-matched retry route in each first provider's virtual host (see
 //!   [`fallback_envoy_filter`]). Those pieces come from the same builders as `render envoy`'s.
+//! - With `--native` the filter is Envoy's dynamic module (`libllm_filter.so` mounted into the
+//!   proxy): an `EnvoyFilter` per selection in every case, since Istio has no `WasmPlugin` for
+//!   a dynamic module, and the fallback pieces with the module's upstream part.
 //!
 //! Every document comes out with sorted keys and in a fixed order, so the same manifests give
 //! the same bytes.
@@ -46,7 +49,7 @@ struct Document {
 
 /// The resources as a multi-document YAML stream.
 pub fn render(config: &FilterConfig, options: &IstioOptions) -> Result<String, String> {
-    if options.wasm_url.trim().is_empty() {
+    if !options.native && options.wasm_url.trim().is_empty() {
         return Err("--wasm-url: must not be empty".to_string());
     }
     if let Some(provider) = config
@@ -181,6 +184,22 @@ fn route_gateways(route: &RouteManifest) -> Result<Vec<GatewayRef>, String> {
 
 /// Where the `EnvoyFilter` form expects the module inside the `istio-proxy` container.
 pub const MOUNTED_WASM: &str = "/var/local/lib/wasm/llm_filter.wasm";
+/// The directory the `--native` form expects `libllm_filter.so` in inside the `istio-proxy`
+/// container, which `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` names (docs/native.md).
+pub const MOUNTED_NATIVE_DIR: &str = "/var/local/lib/llm-filter";
+
+/// The module the filter and its upstream part load, for the comments.
+fn module_description(native: bool) -> String {
+    if native {
+        format!(
+            "the native module {MOUNTED_NATIVE_DIR}/lib{}.so, found through \
+             ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
+            envoy::NATIVE_MODULE
+        )
+    } else {
+        format!("the module at {MOUNTED_WASM}")
+    }
+}
 
 /// Whether some LLMRoute rule matches on the body's model.
 fn routes_by_model(config: &FilterConfig) -> bool {
@@ -216,12 +235,17 @@ fn envoy_filter_configuration(config: &FilterConfig) -> String {
 /// fallback needs the module as a file anyway, for the upstream part on the aggregate clusters
 /// (`fallback_filter`: the name of the EnvoyFilter that adds them), which a WasmPlugin cannot
 /// place, so the downstream part comes from the same file, in the same VM.
+///
+/// With `native`, the filter is the dynamic module (`render envoy --native`'s filter), which
+/// holds the headers for the body without a flag; Istio has no WasmPlugin for it, so this is
+/// the only form.
 fn filter_envoy_filter(
     config: &FilterConfig,
     name: &str,
     selection: &Selection,
     mut comments: Vec<String>,
     fallback_filter: Option<&str>,
+    native: bool,
 ) -> Document {
     // The WasmPlugin's own fields (phase, match, failStrategy) are not this resource's: say
     // what the EnvoyFilter does instead.
@@ -230,12 +254,37 @@ fn filter_envoy_filter(
             && !c.starts_with("phase STATS:")
             && !c.starts_with("match CLIENT:")
     });
-    comments.push(
-        "Inserted just before the router of outbound sidecar and gateway listeners: after          Istio's authentication (JWT) and authorization (AuthorizationPolicy, including          CUSTOM/ext_authz) filters, so a request a policy refuses never reaches the filter and          never gets a provider key. fail_open false: if the module cannot be loaded or fails,          requests fail instead of going out unrewritten."
-            .to_string(),
-    );
+    let failure = if native {
+        "If Envoy cannot load the module, it refuses the listener: no request goes out \
+         unrewritten."
+    } else {
+        "fail_open false: if the module cannot be loaded or fails, requests fail instead of \
+         going out unrewritten."
+    };
+    comments.push(format!(
+        "Inserted just before the router of outbound sidecar and gateway listeners: after \
+         Istio's authentication (JWT) and authorization (AuthorizationPolicy, including \
+         CUSTOM/ext_authz) filters, so a request a policy refuses never reaches the filter and \
+         never gets a provider key. {failure}"
+    ));
     let mut reasons = Vec::new();
-    if routes_by_model(config) {
+    if native {
+        reasons.push(format!(
+            "The filter as Envoy's native dynamic module (render istio --native): Istio has no \
+             WasmPlugin for a dynamic module, so this EnvoyFilter inserts it. Mount \
+             lib{module}.so into the istio-proxy container at {MOUNTED_NATIVE_DIR} and set \
+             proxyMetadata ENVOY_DYNAMIC_MODULES_SEARCH_PATH: {MOUNTED_NATIVE_DIR} (see \
+             docs/native.md); the module reads apiKeyFromEnv variables from the proxy's own \
+             environment.",
+            module = envoy::NATIVE_MODULE
+        ));
+        if let Some(fallback_filter) = fallback_filter {
+            reasons.push(format!(
+                "An LLMRoute rule has fallback: the filter's upstream part, the same module, \
+                 runs on the aggregate clusters that EnvoyFilter {fallback_filter} adds."
+            ));
+        }
+    } else if routes_by_model(config) {
         reasons.push(format!(
             "An LLMRoute matches on the request's model, which needs the body before routing: \
              a WasmPlugin cannot let the filter hold the headers, so the filter is inserted by \
@@ -244,7 +293,7 @@ fn filter_envoy_filter(
              docs/istio.md)."
         ));
     }
-    if let Some(fallback_filter) = fallback_filter {
+    if let (Some(fallback_filter), false) = (fallback_filter, native) {
         reasons.push(format!(
             "An LLMRoute rule has fallback: the filter's upstream part runs on the aggregate \
              clusters that EnvoyFilter {fallback_filter} adds, loaded from the module file, which \
@@ -258,32 +307,11 @@ fn filter_envoy_filter(
         comments.insert(i, reason);
     }
     let configuration = envoy_filter_configuration(config);
-    let mut vm_config = json!({
-        "vm_id": PLUGIN_NAME,
-        "runtime": "envoy.wasm.runtime.v8",
-        "code": {"local": {"filename": MOUNTED_WASM}},
-    });
-    let env_keys = config.api_key_env_names();
-    if !env_keys.is_empty() {
-        vm_config["environment_variables"] = json!({ "host_env_keys": env_keys });
-    }
-    let filter = json!({
-        "name": "llm-filter",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": PLUGIN_NAME,
-                "root_id": PLUGIN_NAME,
-                "allow_on_headers_stop_iteration": true,
-                "fail_open": false,
-                "vm_config": vm_config,
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": configuration,
-                },
-            },
-        },
-    });
+    let filter = if native {
+        native_filter(PLUGIN_NAME, &configuration)
+    } else {
+        wasm_filter(config, &configuration)
+    };
     let patches: Vec<Value> = ["SIDECAR_OUTBOUND", "GATEWAY"]
         .iter()
         .map(|context| {
@@ -301,6 +329,42 @@ fn filter_envoy_filter(
         })
         .collect();
     envoy_filter(name, selection, comments, patches)
+}
+
+/// `render envoy --native`'s dynamic module filter (or its upstream part), as JSON.
+fn native_filter(filter_name: &str, configuration: &str) -> Value {
+    // A YAML mapping of strings always converts.
+    serde_json::to_value(envoy::native_filter(filter_name, configuration)).unwrap_or_default()
+}
+
+/// The wasm filter of the EnvoyFilter form: the mounted module, holding the headers.
+fn wasm_filter(config: &FilterConfig, configuration: &str) -> Value {
+    let mut vm_config = json!({
+        "vm_id": PLUGIN_NAME,
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": MOUNTED_WASM}},
+    });
+    let env_keys = config.api_key_env_names();
+    if !env_keys.is_empty() {
+        vm_config["environment_variables"] = json!({ "host_env_keys": env_keys });
+    }
+    json!({
+        "name": "llm-filter",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": PLUGIN_NAME,
+                "root_id": PLUGIN_NAME,
+                "allow_on_headers_stop_iteration": true,
+                "fail_open": false,
+                "vm_config": vm_config,
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": configuration,
+                },
+            },
+        },
+    })
 }
 
 /// Name of our own cluster for a provider in a fallback (not Istio's `outbound|80||<host>`).
@@ -324,8 +388,8 @@ struct FallbackParts {
     summary: Vec<String>,
 }
 
-/// `None` when no rule has `fallback`.
-fn fallback_parts(config: &FilterConfig) -> Result<Option<FallbackParts>, String> {
+/// `None` when no rule has `fallback`. `native`: the upstream part is the dynamic module's.
+fn fallback_parts(config: &FilterConfig, native: bool) -> Result<Option<FallbackParts>, String> {
     if !has_fallback(config) {
         return Ok(None);
     }
@@ -375,11 +439,15 @@ fn fallback_parts(config: &FilterConfig) -> Result<Option<FallbackParts>, String
             .map(|p| p.host.clone())
             .unwrap_or_default()
     };
-    let upstream_filter = envoy::wasm_upstream_filter(
-        MOUNTED_WASM,
-        &envoy_filter_configuration(config),
-        &config.api_key_env_names(),
-    );
+    let upstream_filter = if native {
+        envoy::native_filter(envoy::UPSTREAM_ROOT_ID, &envoy_filter_configuration(config))
+    } else {
+        envoy::wasm_upstream_filter(
+            MOUNTED_WASM,
+            &envoy_filter_configuration(config),
+            &config.api_key_env_names(),
+        )
+    };
     let mut parts = FallbackParts {
         provider_clusters,
         aggregates: Vec::new(),
@@ -456,6 +524,7 @@ fn fallback_envoy_filter(
     name: &str,
     filter_name: &str,
     selection: &Selection,
+    native: bool,
 ) -> Document {
     let mut patches = Vec::new();
     for context in ["SIDECAR_OUTBOUND", "GATEWAY"] {
@@ -495,8 +564,9 @@ fn fallback_envoy_filter(
         format!(
             "Fallback: when a rule's provider fails, Envoy retries on the rule's next provider \
              through an aggregate cluster, and the filter's upstream part (root id \
-             llm-filter-upstream, the module at {MOUNTED_WASM}, the configuration of \
-             EnvoyFilter {filter_name}) rewrites each attempt for its provider."
+             llm-filter-upstream, {}, the configuration of EnvoyFilter {filter_name}) \
+             rewrites each attempt for its provider.",
+            module_description(native)
         ),
         format!(
             "CLUSTER ADD: per provider in a fallback, cluster llm-provider|<host> to <host> port \
@@ -646,7 +716,7 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
     gateway_config.settings.direct_provider_calls = false;
     gateway_config.settings.host_with_port = false;
     let gateway_only = envoy::gateway_only(config);
-    let fallback = fallback_parts(config)?;
+    let fallback = fallback_parts(config, options.native)?;
     let budgets = ratelimit::plan(config);
     ratelimit::require_service(&budgets, options.ratelimit.is_some(), "--ratelimit")?;
     let mut used_names: BTreeSet<(String, String)> = BTreeSet::new();
@@ -747,18 +817,25 @@ fn wasm_plugins(config: &FilterConfig, options: &IstioOptions) -> Result<Vec<Doc
                 selection,
                 comments,
                 Some(&fallback_name),
+                options.native,
             ));
             documents.push(fallback_envoy_filter(
                 fallback,
                 &fallback_name,
                 &name,
                 selection,
+                options.native,
             ));
             continue;
         }
-        if routes_by_model(config) {
+        if options.native || routes_by_model(config) {
             documents.push(filter_envoy_filter(
-                config, &name, selection, comments, None,
+                config,
+                &name,
+                selection,
+                comments,
+                None,
+                options.native,
             ));
             continue;
         }
@@ -1778,6 +1855,83 @@ spec:
             filters[1]["spec"]["configPatches"],
             filters[3]["spec"]["configPatches"]
         );
+    }
+
+    fn native_documents(text: &str) -> Vec<serde_yaml::Value> {
+        let options = IstioOptions {
+            native: true,
+            wasm_url: String::new(),
+            ..IstioOptions::default()
+        };
+        serde_yaml::Deserializer::from_str(&render(&config(text), &options).unwrap())
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn native_inserts_the_dynamic_module_before_the_router_and_no_wasm_plugin() {
+        let docs = native_documents(&provider("a", "default", "a.example", "app: x"));
+        assert!(of_kind(&docs, "WasmPlugin").is_empty());
+        let filters = of_kind(&docs, "EnvoyFilter");
+        assert_eq!(filters.len(), 1);
+        assert_eq!(filters[0]["spec"]["workloadSelector"]["labels"]["app"], "x");
+        for context in ["SIDECAR_OUTBOUND", "GATEWAY"] {
+            let patch = patches(filters[0])
+                .into_iter()
+                .find(|p| p["match"]["context"] == context)
+                .unwrap();
+            assert_eq!(patch["applyTo"], "HTTP_FILTER");
+            assert_eq!(patch["patch"]["operation"], "INSERT_BEFORE");
+            assert_eq!(
+                patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"],
+                "envoy.filters.http.router"
+            );
+            let filter = &patch["patch"]["value"];
+            assert_eq!(filter["name"], "envoy.filters.http.dynamic_modules");
+            let typed = &filter["typed_config"];
+            assert_eq!(typed["dynamic_module_config"]["name"], "llm_filter");
+            assert_eq!(typed["dynamic_module_config"]["metrics_namespace"], "llm");
+            assert_eq!(typed["filter_name"], PLUGIN_NAME);
+            let text = typed["filter_config"]["value"].as_str().unwrap();
+            let embedded = FilterConfig::parse(text).unwrap();
+            assert!(embedded.settings.forward_after_body);
+            llm_filter::policy::Policy::from_text(text).unwrap();
+        }
+        // The ServiceEntry and DestinationRule do not depend on the build.
+        let wasm = documents(&provider("a", "default", "a.example", "app: x"));
+        for kind in ["ServiceEntry", "DestinationRule"] {
+            assert_eq!(of_kind(&docs, kind), of_kind(&wasm, kind));
+        }
+    }
+
+    #[test]
+    fn native_fallback_runs_the_module_upstream_on_the_aggregate_clusters() {
+        let docs = native_documents(&fallback_manifests("app: x", ""));
+        assert!(of_kind(&docs, "WasmPlugin").is_empty());
+        let filters = of_kind(&docs, "EnvoyFilter");
+        assert_eq!(filters.len(), 2);
+        let fallback = filters
+            .iter()
+            .find(|f| {
+                f["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-fallback"))
+            })
+            .unwrap();
+        let clusters = values(fallback, "CLUSTER", "SIDECAR_OUTBOUND");
+        let aggregate = clusters
+            .iter()
+            .find(|c| c["name"].as_str().unwrap().starts_with("llm-fallback|"))
+            .unwrap();
+        let upstream = &aggregate["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"][0];
+        assert_eq!(upstream["name"], "envoy.filters.http.dynamic_modules");
+        assert_eq!(
+            upstream["typed_config"]["filter_name"],
+            crate::envoy::UPSTREAM_ROOT_ID
+        );
+        let rendered = serde_yaml::to_string(&docs).unwrap();
+        assert!(!rendered.contains(MOUNTED_WASM), "{rendered}");
     }
 
     #[test]

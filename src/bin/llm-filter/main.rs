@@ -79,6 +79,7 @@ fn run(command: args::Command) -> Result<String, Vec<String>> {
             let loaded = input::load_for_render(&args.files)?;
             let options = args::IstioOptions {
                 wasm_url: args.wasm_url,
+                native: args.native,
                 ratelimit: args.ratelimit.service(),
             };
             istio::render(&loaded.config, &options).map_err(|e| vec![e])
