@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::client::{send, send_h2, Req, SEED_BODY};
-use support::mesh::{Mesh, Proxy};
+use support::mesh::{Mesh, MeshBuilder, Proxy};
 use support::mock::{Behavior, MockServer, Recorded};
 use support::raw::send_raw_from;
 use support::*;
@@ -33,6 +33,11 @@ fn seed_authorization_policy(ip: &str) -> String {
 /// A mesh of both seeds (`envoy/manifests/`, each file rendered on its own), the seeds' Gateway
 /// and Service, and `extra` Istio files, the providers at `mock`.
 fn seeds_mesh(label: &str, mock: &MockServer, extra: &[&str]) -> Mesh {
+    seeds_builder(label, mock, extra).up()
+}
+
+/// The seeds' manifests, Gateway and Service, the mock as both providers, and `extra`.
+fn seeds_builder(label: &str, mock: &MockServer, extra: &[&str]) -> MeshBuilder {
     let mut builder = Mesh::builder(label)
         .shipped_manifests("mesh.yaml")
         .shipped_manifests("gateway.yaml")
@@ -43,7 +48,30 @@ fn seeds_mesh(label: &str, mock: &MockServer, extra: &[&str]) -> Mesh {
     for text in extra {
         builder = builder.istio(text);
     }
-    builder.up()
+    builder
+}
+
+/// A call of the seeds' split: DashScope's or Moonshot's, as its SNI says, each rewritten for
+/// its provider.
+fn assert_split_call(r: &Recorded) {
+    if r.sni.as_deref() == Some(DASHSCOPE) {
+        assert_call(
+            r,
+            DASHSCOPE,
+            DASHSCOPE_PATH,
+            "qwen1.5-72b-chat",
+            KEY_DASHSCOPE,
+        );
+    } else {
+        assert_call(r, MOONSHOT, MOONSHOT_PATH, "moonshot-v1-8k", KEY_MOONSHOT);
+    }
+}
+
+/// How many of `seen` went to DashScope.
+fn dashscope_share(seen: &[Recorded]) -> usize {
+    seen.iter()
+        .filter(|r| r.sni.as_deref() == Some(DASHSCOPE))
+        .count()
 }
 
 fn assert_call(r: &Recorded, host: &str, path: &str, model: &str, key: &str) {
@@ -171,23 +199,8 @@ async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
     }
     let seen = mock.requests();
     assert_eq!(seen.len(), 200);
-    let dashscope = seen
-        .iter()
-        .filter(|r| r.sni.as_deref() == Some(DASHSCOPE))
-        .count();
-    for r in &seen {
-        if r.sni.as_deref() == Some(DASHSCOPE) {
-            assert_call(
-                r,
-                DASHSCOPE,
-                DASHSCOPE_PATH,
-                "qwen1.5-72b-chat",
-                KEY_DASHSCOPE,
-            );
-        } else {
-            assert_call(r, MOONSHOT, MOONSHOT_PATH, "moonshot-v1-8k", KEY_MOONSHOT);
-        }
-    }
+    let dashscope = dashscope_share(&seen);
+    seen.iter().for_each(assert_split_call);
     // Binomial(200, 0.5): outside 70..=130 with a probability below 1e-5.
     assert!(
         (70..=130).contains(&dashscope),
@@ -341,14 +354,7 @@ fn assert_native_filter(mesh: &Mesh, proxy: Proxy, port: u16) -> llm_filter::pol
 async fn the_seeds_run_the_native_module_from_an_envoy_filter_on_a_sidecar_and_a_gateway() {
     let mock = MockServer::start_tls(&pki().0).expect("mock provider");
     let policy = seed_authorization_policy("127.0.0.2");
-    let mesh = Mesh::builder("native-seeds")
-        .shipped_manifests("mesh.yaml")
-        .shipped_manifests("gateway.yaml")
-        .shipped_istio("ingress-gw.yaml")
-        .shipped_istio("demo-llm-server.yaml")
-        .istio(&policy)
-        .provider(DASHSCOPE, mock.addr())
-        .provider(MOONSHOT, mock.addr())
+    let mesh = seeds_builder("native-seeds", &mock, &[&policy])
         .native()
         .up();
 
@@ -395,24 +401,9 @@ async fn the_seeds_run_the_native_module_from_an_envoy_filter_on_a_sidecar_and_a
     }
     let seen = mock.requests();
     assert_eq!(seen.len(), 40);
-    for r in &seen {
-        if r.sni.as_deref() == Some(DASHSCOPE) {
-            assert_call(
-                r,
-                DASHSCOPE,
-                DASHSCOPE_PATH,
-                "qwen1.5-72b-chat",
-                KEY_DASHSCOPE,
-            );
-        } else {
-            assert_call(r, MOONSHOT, MOONSHOT_PATH, "moonshot-v1-8k", KEY_MOONSHOT);
-        }
-    }
+    seen.iter().for_each(assert_split_call);
     // Binomial(40, 0.5): all 40 to one provider with a probability below 1e-11.
-    let dashscope = seen
-        .iter()
-        .filter(|r| r.sni.as_deref() == Some(DASHSCOPE))
-        .count();
+    let dashscope = dashscope_share(&seen);
     assert!(
         (1..40).contains(&dashscope),
         "{dashscope} of 40 to DashScope"
