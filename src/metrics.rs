@@ -83,7 +83,11 @@ pub struct Series {
 /// control characters. A value that already is one (the usual case) is borrowed, not copied:
 /// the native host cleans three labels for every metric it records.
 pub fn label_value(value: &str) -> Cow<'_, str> {
-    let clean = value.len() <= MAX_VALUE_CHARS && value.chars().all(|c| clean_char(c) == c);
+    // Printable ASCII other than `;` and `=` is kept as it is (a byte count bounds the chars).
+    let clean = value.len() <= MAX_VALUE_CHARS
+        && value
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b';' && b != b'=');
     if clean {
         Cow::Borrowed(value)
     } else {
@@ -215,6 +219,7 @@ mod tests {
         assert_eq!(label_value("a;b=c\n"), "a_b_c_");
         assert_eq!(label_value("gpt-4o-mini"), "gpt-4o-mini");
         assert!(matches!(label_value("gpt-4o-mini"), Cow::Borrowed(_)));
+        assert_eq!(label_value("modèle\u{85}"), "modèle_");
         let long = "é".repeat(MAX_VALUE_CHARS + 1);
         assert_eq!(label_value(&long), "é".repeat(MAX_VALUE_CHARS));
     }

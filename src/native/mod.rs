@@ -356,7 +356,13 @@ impl Host for NativeHost<'_, '_> {
         if let Some(late) = AT_COMPLETION.iter().find(|n| **n == name) {
             match self.state.pending.iter_mut().find(|(n, _)| n == late) {
                 Some((_, kept)) => *kept = value.to_vec(),
-                None => self.state.pending.push((late, value.to_vec())),
+                None => {
+                    // One allocation for the stream's few values.
+                    if self.state.pending.capacity() == 0 {
+                        self.state.pending.reserve_exact(AT_COMPLETION.len());
+                    }
+                    self.state.pending.push((late, value.to_vec()));
+                }
             }
             return Ok(());
         }
