@@ -4,6 +4,8 @@
 //! and what Istio's `extraStatTags` generates) turn them back into labels: `/stats/prometheus`
 //! shows `llm_requests_total{provider="p",model="m",rule="r",class="2xx"}`.
 
+use std::borrow::Cow;
+
 /// Counters and histograms the filter keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
@@ -78,13 +80,25 @@ pub struct Series {
 }
 
 /// A label value as `series` writes it into a name: at most 64 characters, without `;`, `=` or
-/// control characters.
-pub fn label_value(value: &str) -> String {
-    value
-        .chars()
-        .take(MAX_VALUE_CHARS)
-        .map(clean_char)
-        .collect()
+/// control characters. A value that already is one (the usual case) is borrowed, not copied:
+/// the native host cleans three labels for every metric it records.
+pub fn label_value(value: &str) -> Cow<'_, str> {
+    // Printable ASCII other than `;` and `=` is kept as it is (a byte count bounds the chars).
+    let clean = value.len() <= MAX_VALUE_CHARS
+        && value
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b';' && b != b'=');
+    if clean {
+        Cow::Borrowed(value)
+    } else {
+        Cow::Owned(
+            value
+                .chars()
+                .take(MAX_VALUE_CHARS)
+                .map(clean_char)
+                .collect(),
+        )
+    }
 }
 
 fn clean_char(c: char) -> char {
@@ -203,6 +217,11 @@ mod tests {
             assert_eq!(metric.index(), i);
         }
         assert_eq!(label_value("a;b=c\n"), "a_b_c_");
+        assert_eq!(label_value("gpt-4o-mini"), "gpt-4o-mini");
+        assert!(matches!(label_value("gpt-4o-mini"), Cow::Borrowed(_)));
+        assert_eq!(label_value("modèle\u{85}"), "modèle_");
+        let long = "é".repeat(MAX_VALUE_CHARS + 1);
+        assert_eq!(label_value(&long), "é".repeat(MAX_VALUE_CHARS));
     }
 
     #[test]

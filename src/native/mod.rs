@@ -177,8 +177,9 @@ struct StreamState {
     metrics: [Option<MetricId>; Metric::ALL.len()],
     /// Filter state names already written to Envoy (which refuses a second write).
     written: Vec<String>,
-    /// Values for `AT_COMPLETION` names, written when the stream completes.
-    pending: HashMap<&'static str, Vec<u8>>,
+    /// Values for `AT_COMPLETION` names, written when the stream completes: at most one per
+    /// name (a later value replaces an earlier one), so at most `AT_COMPLETION.len()` entries.
+    pending: Vec<(&'static str, Vec<u8>)>,
     /// Inside a request body hook (the chunk just delivered is readable).
     in_body_hook: bool,
 }
@@ -187,6 +188,14 @@ struct StreamState {
 struct NativeHost<'f, 'a> {
     filter: &'f mut Filter<'a>,
     state: &'f mut StreamState,
+}
+
+/// The Envoy filter state key of `name` (a few of these on every request: no `format!`).
+fn state_key(name: &str) -> String {
+    let mut key = String::with_capacity(FILTER_STATE_PREFIX.len() + name.len());
+    key.push_str(FILTER_STATE_PREFIX);
+    key.push_str(name);
+    key
 }
 
 fn host_error(what: &str) -> HostError {
@@ -223,7 +232,7 @@ impl NativeHost<'_, '_> {
                 "filter state {FILTER_STATE_PREFIX}{name} is already set for this stream"
             )));
         }
-        let key = format!("{FILTER_STATE_PREFIX}{name}");
+        let key = state_key(name);
         if !self.filter.set_filter_state(&key, value) {
             return Err(host_error(&format!("set filter state {key}")));
         }
@@ -345,7 +354,16 @@ impl Host for NativeHost<'_, '_> {
 
     fn set_filter_state(&mut self, name: &str, value: &[u8]) -> Result<(), HostError> {
         if let Some(late) = AT_COMPLETION.iter().find(|n| **n == name) {
-            self.state.pending.insert(late, value.to_vec());
+            match self.state.pending.iter_mut().find(|(n, _)| n == late) {
+                Some((_, kept)) => *kept = value.to_vec(),
+                None => {
+                    // One allocation for the stream's few values.
+                    if self.state.pending.capacity() == 0 {
+                        self.state.pending.reserve_exact(AT_COMPLETION.len());
+                    }
+                    self.state.pending.push((late, value.to_vec()));
+                }
+            }
             return Ok(());
         }
         self.write_filter_state(name, value)
@@ -353,7 +371,7 @@ impl Host for NativeHost<'_, '_> {
 
     fn filter_state(&mut self, name: &str) -> Option<Vec<u8>> {
         self.filter
-            .filter_state(&format!("{FILTER_STATE_PREFIX}{name}"))
+            .filter_state(&state_key(name))
             .map(<[u8]>::to_vec)
     }
 
@@ -408,15 +426,14 @@ impl Host for NativeHost<'_, '_> {
         let provider = label_value(&series.provider);
         let model = label_value(&series.model);
         let rule = label_value(&series.rule);
-        let mut labels = vec![provider.as_str(), model.as_str(), rule.as_str()];
-        if let Some(class) = class {
-            labels.push(class);
-        }
-        labels.truncate(metric.labels().len());
-        if !self
-            .filter
-            .record(*id, metric.is_histogram(), &labels, value)
-        {
+        let labels = [&*provider, &*model, &*rule, class.unwrap_or_default()];
+        let count = if class.is_some() { 4 } else { 3 }.min(metric.labels().len());
+        if !self.filter.record(
+            *id,
+            metric.is_histogram(),
+            labels.get(..count).unwrap_or(&labels),
+            value,
+        ) {
             log::debug!("llm-filter: cannot record {}", metric.name());
         }
     }
@@ -578,7 +595,7 @@ impl Module for LlmModule {
             state: StreamState {
                 metrics: config.metrics,
                 written: Vec::new(),
-                pending: HashMap::new(),
+                pending: Vec::new(),
                 in_body_hook: false,
             },
         }
