@@ -190,6 +190,22 @@ def budgets(cases, memory, meta):
                 "met" if v["added"] <= ceiling else "missed")
         rows.append((text, cells))
 
+    def wasm_no_slower(reference, word, title):
+        """The wasm build's 1 KB and 64 KB ratios and 1 KB added CPU against `reference(cid, kind)`."""
+        checks = []
+        for cid, kind in (("1KB/throughput", "ratio"), ("64KB/throughput", "ratio"), ("1KB/cpu", "added")):
+            v, w = vs(cid, "wasm"), reference(cid, kind)
+            if v and w is not None:
+                checks.append((size_text(cid.split("/")[0]), kind, v[kind], w))
+        if not checks:
+            return
+        text = "; ".join(f"{s} ×{m:.2f} ({word} ×{w:.2f})" if k == "ratio" else f"{s} CPU {plus(m)} ({word} {plus(w)})"
+                         for s, k, m, w in checks)
+        ok = all((m >= w - RATIO_SLACK) if k == "ratio" else (m <= w + CPU_SLACK) for _, k, m, w in checks)
+        cells = {t: ("", "—") for t in builds}
+        cells["wasm"] = (text, "met" if ok else "missed")
+        rows.append((title, cells))
+
     ratio_budget("1KB/throughput", 0.85, "1 KB throughput ≥ 0.85 × plain")
     ratio_budget("64KB/throughput", 0.75, "64 KB throughput ≥ 0.75 × plain")
     added_budget("1KB/cpu", 10, "1 KB Envoy CPU per request ≤ +10 µs")
@@ -211,33 +227,14 @@ def budgets(cases, memory, meta):
     # The wasm build against a baseline build in the same rounds (BENCH_WASM_BASELINE), or else
     # against its last published run.
     if "wasm" in builds and "wasm-baseline" in meta["targets"]:
-        checks = []
-        for cid, kind in (("1KB/throughput", "ratio"), ("64KB/throughput", "ratio"), ("1KB/cpu", "added")):
-            v, w = vs(cid, "wasm"), vs(cid, "wasm-baseline")
-            if v and w:
-                checks.append((size_text(cid.split("/")[0]), kind, v[kind], w[kind]))
-        if checks:
-            text = "; ".join(f"{s} ×{m:.2f} (baseline ×{w:.2f})" if k == "ratio" else f"{s} CPU {plus(m)} (baseline {plus(w)})"
-                             for s, k, m, w in checks)
-            ok = all((m >= w - RATIO_SLACK) if k == "ratio" else (m <= w + CPU_SLACK) for _, k, m, w in checks)
-            cells = {t: ("", "—") for t in builds}
-            cells["wasm"] = (text, "met" if ok else "missed")
-            rows.append(("wasm no slower than the baseline build, same rounds", cells))
+        def baseline(cid, key):
+            w = vs(cid, "wasm-baseline")
+            return w[key] if w else None
+        wasm_no_slower(baseline, "baseline", "wasm no slower than the baseline build, same rounds")
     elif "wasm" in builds and not meta.get("routed") and not meta.get("model_routed"):
         b = WASM_BEFORE
-        checks = []
-        for cid, key, kind in (("1KB/throughput", "1KB_ratio", "ratio"), ("64KB/throughput", "64KB_ratio", "ratio"),
-                               ("1KB/cpu", "1KB_cpu_added", "added")):
-            v = vs(cid, "wasm")
-            if v:
-                checks.append((size_text(cid.split("/")[0]), kind, v[kind], b[key]))
-        if checks:
-            text = "; ".join(f"{s} ×{m:.2f} (was ×{w:.2f})" if k == "ratio" else f"{s} CPU {plus(m)} (was {plus(w)})"
-                             for s, k, m, w in checks)
-            ok = all((m >= w - RATIO_SLACK) if k == "ratio" else (m <= w + CPU_SLACK) for _, k, m, w in checks)
-            cells = {t: ("", "—") for t in builds}
-            cells["wasm"] = (text, "met" if ok else "missed")
-            rows.append((f"wasm no slower than its run of {b['date']}", cells))
+        published = {"1KB/throughput": "1KB_ratio", "64KB/throughput": "64KB_ratio", "1KB/cpu": "1KB_cpu_added"}
+        wasm_no_slower(lambda cid, _: b[published[cid]], "was", f"wasm no slower than its run of {b['date']}")
     # The earlier targets of the filter, for every build.
     added_budget("1KB/p50", 40, "1 KB p50 ≤ +40 µs")
     added_budget("1MB/p50", 2000, "1 MB p50 ≤ +2000 µs")

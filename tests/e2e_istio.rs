@@ -51,17 +51,16 @@ fn seeds_builder(label: &str, mock: &MockServer, extra: &[&str]) -> MeshBuilder 
     builder
 }
 
+/// A call rewritten for DashScope with `model` and `key`.
+fn assert_dashscope(r: &Recorded, model: &str, key: &str) {
+    assert_call(r, DASHSCOPE, DASHSCOPE_PATH, model, key);
+}
+
 /// A call of the seeds' split: DashScope's or Moonshot's, as its SNI says, each rewritten for
 /// its provider.
 fn assert_split_call(r: &Recorded) {
     if r.sni.as_deref() == Some(DASHSCOPE) {
-        assert_call(
-            r,
-            DASHSCOPE,
-            DASHSCOPE_PATH,
-            "qwen1.5-72b-chat",
-            KEY_DASHSCOPE,
-        );
+        assert_dashscope(r, "qwen1.5-72b-chat", KEY_DASHSCOPE);
     } else {
         assert_call(r, MOONSHOT, MOONSHOT_PATH, "moonshot-v1-8k", KEY_MOONSHOT);
     }
@@ -159,13 +158,7 @@ async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
     assert_eq!(resp.json()["model"], "qwen1.5-72b-chat");
     let seen = mock.requests();
     assert_eq!(seen.len(), 1);
-    assert_call(
-        &seen[0],
-        DASHSCOPE,
-        DASHSCOPE_PATH,
-        "qwen1.5-72b-chat",
-        KEY_DASHSCOPE,
-    );
+    assert_dashscope(&seen[0], "qwen1.5-72b-chat", KEY_DASHSCOPE);
 
     // The same over HTTP/2 (h2c), and as a subscriber: rule vip-route, qwen-turbo, VIP key.
     mock.clear();
@@ -176,20 +169,8 @@ async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.json()["model"], "qwen-turbo");
     let seen = mock.requests();
-    assert_call(
-        &seen[0],
-        DASHSCOPE,
-        DASHSCOPE_PATH,
-        "qwen1.5-72b-chat",
-        KEY_DASHSCOPE,
-    );
-    assert_call(
-        &seen[1],
-        DASHSCOPE,
-        DASHSCOPE_PATH,
-        "qwen-turbo",
-        KEY_DASHSCOPE_VIP,
-    );
+    assert_dashscope(&seen[0], "qwen1.5-72b-chat", KEY_DASHSCOPE);
+    assert_dashscope(&seen[1], "qwen-turbo", KEY_DASHSCOPE_VIP);
 
     // The 50/50 split of demo-llm-server over 200 requests.
     mock.clear();
@@ -241,13 +222,7 @@ async fn the_seeds_run_on_a_sidecar_and_a_gateway_configured_by_istiod() {
     assert_eq!(resp.json()["model"], "qwen-1.8b-chat");
     let seen = mock.requests();
     assert_eq!(seen.len(), 1);
-    assert_call(
-        &seen[0],
-        DASHSCOPE,
-        DASHSCOPE_PATH,
-        "qwen-1.8b-chat",
-        KEY_GATEWAY,
-    );
+    assert_dashscope(&seen[0], "qwen-1.8b-chat", KEY_GATEWAY);
     assert_eq!(seen[0].json().unwrap()["stream"], false);
 
     // The seed's AuthorizationPolicy: the denied client gets Istio's 403 and nothing reaches a
@@ -380,20 +355,8 @@ async fn the_seeds_run_the_native_module_from_an_envoy_filter_on_a_sidecar_and_a
     assert_eq!(resp.json()["model"], "qwen-turbo");
     let seen = mock.requests();
     assert_eq!(seen.len(), 2, "{seen:#?}");
-    assert_call(
-        &seen[0],
-        DASHSCOPE,
-        DASHSCOPE_PATH,
-        "qwen1.5-72b-chat",
-        KEY_DASHSCOPE,
-    );
-    assert_call(
-        &seen[1],
-        DASHSCOPE,
-        DASHSCOPE_PATH,
-        "qwen-turbo",
-        KEY_DASHSCOPE_VIP,
-    );
+    assert_dashscope(&seen[0], "qwen1.5-72b-chat", KEY_DASHSCOPE);
+    assert_dashscope(&seen[1], "qwen-turbo", KEY_DASHSCOPE_VIP);
     mock.clear();
     for _ in 0..40 {
         let resp = send(mesh.sidecar, &Req::chat("demo-llm-server", SEED_BODY)).await;
@@ -416,13 +379,7 @@ async fn the_seeds_run_the_native_module_from_an_envoy_filter_on_a_sidecar_and_a
     assert_eq!(resp.json()["model"], "qwen-1.8b-chat");
     let seen = mock.requests();
     assert_eq!(seen.len(), 1, "{seen:#?}");
-    assert_call(
-        &seen[0],
-        DASHSCOPE,
-        DASHSCOPE_PATH,
-        "qwen-1.8b-chat",
-        KEY_GATEWAY,
-    );
+    assert_dashscope(&seen[0], "qwen-1.8b-chat", KEY_GATEWAY);
 
     // The seed's AuthorizationPolicy refuses the denied client before the module runs.
     mock.clear();
@@ -533,13 +490,7 @@ async fn a_gateway_requires_a_jwt_before_the_filter_runs() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     let seen = mock.requests();
     assert_eq!(seen.len(), 1);
-    assert_call(
-        &seen[0],
-        DASHSCOPE,
-        DASHSCOPE_PATH,
-        "qwen-1.8b-chat",
-        KEY_GATEWAY,
-    );
+    assert_dashscope(&seen[0], "qwen-1.8b-chat", KEY_GATEWAY);
     assert!(
         !seen[0]
             .headers
@@ -750,13 +701,7 @@ async fn fallback_and_model_routing_work_in_their_envoy_filter_forms() {
     let resp = send(mesh.sidecar, &Req::chat("models.example.com", SEED_BODY)).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(dash.requests().len(), 1);
-    assert_call(
-        &dash.requests()[0],
-        DASHSCOPE,
-        DASHSCOPE_PATH,
-        "qwen-turbo",
-        KEY_A,
-    );
+    assert_dashscope(&dash.requests()[0], "qwen-turbo", KEY_A);
 
     // DashScope refuses connections: both proxies fall back.
     drop(dash);
@@ -836,13 +781,7 @@ async fn fallback_and_model_routing_run_the_native_module_downstream_and_upstrea
     let resp = send(mesh.sidecar, &Req::chat("models.example.com", SEED_BODY)).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(dash.requests().len(), 1);
-    assert_call(
-        &dash.requests()[0],
-        DASHSCOPE,
-        DASHSCOPE_PATH,
-        "qwen-turbo",
-        KEY_A,
-    );
+    assert_dashscope(&dash.requests()[0], "qwen-turbo", KEY_A);
 }
 
 /// Providers of seed 001 and one route for demo-llm-server to `provider`.
@@ -1459,7 +1398,7 @@ async fn a_budget_is_spent_through_the_sidecar_and_the_gateway_from_one_service(
     );
     let seen = mock.requests();
     for r in &seen {
-        assert_call(r, DASHSCOPE, DASHSCOPE_PATH, "qwen-turbo", KEY_A);
+        assert_dashscope(r, "qwen-turbo", KEY_A);
     }
 
     // The next request is refused on both, OpenAI-shaped, and reaches no provider.
@@ -1586,7 +1525,7 @@ async fn the_budget_follows_the_tokens_subject_through_istiod_and_a_forged_user_
     let seen = mock.requests();
     assert!(!seen.is_empty());
     for r in &seen {
-        assert_call(r, DASHSCOPE, DASHSCOPE_PATH, "qwen-1.8b-chat", KEY_GATEWAY);
+        assert_dashscope(r, "qwen-1.8b-chat", KEY_GATEWAY);
         assert_eq!(r.header("x-user-id").as_deref(), Some("alice"), "{r:?}");
         assert_eq!(r.header_count("x-user-id"), 1, "{r:?}");
     }
